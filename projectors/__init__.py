@@ -1,0 +1,1 @@
+"""Projectors: Kafka -> effects (OCR and embedding workers, search and task-cache views)."""

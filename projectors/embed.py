@@ -1,0 +1,85 @@
+"""The embedding worker: `embedding_pending` -> vector -> `embedded`, through the outbox.
+
+Texts of a batch are embedded in one model call; results are cached by text checksum and
+model version, so a replay or an identical image never runs the model again."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from sqlalchemy.engine import Engine
+
+from outbox.envelope import EventEnvelope
+from outbox.image_policy import ImageState
+from outbox.image_store import transition
+from outbox.settings import Settings
+from projectors.embedder import Embedder
+from projectors.result_cache import cached_result, store_result
+from projectors.workers_common import claim_event, current_image
+
+log = structlog.get_logger(__name__)
+S = ImageState
+
+
+def embedding_text(document: dict[str, Any]) -> str:
+    """What the vector represents: title, description, tags and the OCR text."""
+    meta = document.get("metadata") or {}
+    ocr = document.get("ocr") or {}
+    parts = [meta.get("title"), meta.get("description"), " ".join(meta.get("tags") or []),
+             ocr.get("text")]
+    return "\n".join(p for p in parts if p)
+
+
+class EmbeddingWorker:
+    """Projector `embed`."""
+
+    name = "embed"
+    aggregate_types: Sequence[str] = ("image",)
+
+    def __init__(self, settings: Settings, engine: Engine, embedder: Embedder) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._embedder = embedder
+
+    def apply(self, events: list[EventEnvelope]) -> None:
+        """Embed every image of the batch that waits in `embedding_pending`."""
+        pending = [e for e in events if e.payload.get("state") == S.EMBEDDING_PENDING]
+        if not pending:
+            return
+        texts = {e.id: embedding_text(e.payload) for e in pending}
+        vectors = self._vectors(list(set(texts.values())))
+        for event in pending:
+            with self._engine.begin() as conn:
+                if not claim_event(conn, self.name, event.id):
+                    continue
+                row = current_image(conn, event, S.EMBEDDING_PENDING)
+                if row is None:
+                    continue
+                transition(conn, row, S.EMBEDDED, self._settings, {"embedding": {
+                    "model": self._embedder.model_id, "dim": self._embedder.dim,
+                    "vector": vectors[texts[event.id]]}})
+
+    def _vectors(self, texts: list[str]) -> dict[str, list[float]]:
+        model = self._embedder.model_id
+        keys = {t: hashlib.sha256(t.encode()).hexdigest() for t in texts}
+        out: dict[str, list[float]] = {}
+        with self._engine.connect() as conn:
+            for text, key in keys.items():
+                hit = cached_result(conn, "embedding", key, model)
+                if hit is not None:
+                    out[text] = hit
+        missing = [t for t in texts if t not in out]
+        if missing:
+            matrix = self._embedder.passages(missing)
+            with self._engine.begin() as conn:
+                for text, vec in zip(missing, matrix, strict=True):
+                    out[text] = [round(float(x), 6) for x in vec]
+                    store_result(conn, "embedding", keys[text], model, out[text])
+            log.info("embedded", texts=len(missing), cached=len(texts) - len(missing))
+        return out
+
+    def close(self) -> None:
+        """Nothing held beyond the shared engine."""

@@ -1,0 +1,96 @@
+"""The OCR worker: `ocr_pending` -> `ocr_running` -> OCR -> `ocr_done` -> `embedding_pending`
+(or back to `ocr_pending` for another attempt, or `ocr_failed` after the last), every step a
+transition with its outbox event. It never writes a view."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import structlog
+from botocore.client import BaseClient
+from sqlalchemy.engine import Engine, RowMapping
+
+from outbox.envelope import EventEnvelope
+from outbox.image_policy import ImageState
+from outbox.image_store import load_image, transition
+from outbox.settings import Settings
+from projectors.ocr_engine import OcrResult, engine_version, recognize
+from projectors.result_cache import cached_result, store_result
+from projectors.workers_common import claim_event, current_image
+
+log = structlog.get_logger(__name__)
+S = ImageState
+
+
+class OcrWorker:
+    """Projector `ocr`."""
+
+    name = "ocr"
+    aggregate_types: Sequence[str] = ("image",)
+
+    def __init__(self, settings: Settings, engine: Engine, s3: BaseClient) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._s3 = s3
+
+    def apply(self, events: list[EventEnvelope]) -> None:
+        """Run OCR for every event that finds its image waiting in `ocr_pending`."""
+        for event in events:
+            if event.payload.get("state") == S.OCR_PENDING:
+                self._process(event)
+
+    def _start(self, event: EventEnvelope) -> RowMapping | None:
+        with self._engine.begin() as conn:
+            if not claim_event(conn, self.name, event.id):
+                return None
+            row = current_image(conn, event, S.OCR_PENDING)
+            if row is None:
+                return None
+            return transition(conn, row, S.OCR_RUNNING, self._settings,
+                              {"attempts": row["attempts"] + 1})
+
+    def _process(self, event: EventEnvelope) -> None:
+        running = self._start(event)
+        if running is None:
+            return
+        try:
+            result = self._recognize(running)
+        except Exception as exc:  # any failure is an attempt; the log drives the retry
+            self._fail(running, f"{type(exc).__name__}: {exc}")
+            return
+        with self._engine.begin() as conn:
+            done = transition(conn, running, S.OCR_DONE, self._settings,
+                              {"ocr": asdict(result), "last_error": None})
+            transition(conn, done, S.EMBEDDING_PENDING, self._settings)
+        log.info("ocr_done", image=event.aggregate_id, chars=len(result.text),
+                 language=result.language)
+
+    def _recognize(self, image: RowMapping) -> OcrResult:
+        body = self._s3.get_object(Bucket=self._settings.s3_bucket, Key=image["object_key"])
+        data = body["Body"].read()
+        checksum = hashlib.sha256(data).hexdigest()
+        engine_id = engine_version(self._settings.ocr_languages)
+        with self._engine.connect() as conn:
+            hit = cached_result(conn, "ocr", checksum, engine_id)
+        if hit is not None:
+            return OcrResult(**hit)
+        result = recognize(data, self._settings.ocr_languages)
+        with self._engine.begin() as conn:
+            store_result(conn, "ocr", checksum, engine_id, asdict(result))
+        return result
+
+    def _fail(self, running: RowMapping, error: str) -> None:
+        last = running["attempts"] >= self._settings.max_attempts
+        with self._engine.begin() as conn:
+            row = load_image(conn, running["org_id"], running["id"], for_update=True)
+            if row["version"] != running["version"]:
+                return  # someone else moved it meanwhile (deleted, reconciled)
+            transition(conn, row, S.OCR_FAILED if last else S.OCR_PENDING, self._settings,
+                       {"last_error": error[:1000]})
+        log.warning("ocr_attempt_failed", image=str(running["id"]),
+                    attempt=running["attempts"], final=last, error=error[:200])
+
+    def close(self) -> None:
+        """Nothing held beyond the shared engine."""

@@ -1,0 +1,55 @@
+"""The projectors by name, and running one as its own process (`outbox project <name>`)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import redis
+from elasticsearch import Elasticsearch
+
+from outbox.db import make_engine
+from outbox.observability import serve_until_stopped
+from outbox.settings import Settings
+from outbox.storage import s3_client
+from projectors.embed import EmbeddingWorker
+from projectors.embedder import get_embedder
+from projectors.ocr import OcrWorker
+from projectors.runtime import ConsumerRuntime, Projector
+from projectors.search import SearchProjector
+from projectors.task_cache import TaskCache, TaskCacheProjector
+
+
+def _ocr(s: Settings) -> Projector:
+    return OcrWorker(s, make_engine(s), s3_client(s))
+
+
+def _embed(s: Settings) -> Projector:
+    return EmbeddingWorker(s, make_engine(s), get_embedder(s.embedding_model))
+
+
+def _search(s: Settings) -> Projector:
+    tasks = TaskCache(s, redis.Redis.from_url(s.redis_url))
+    return SearchProjector(s, Elasticsearch(s.es_url), tasks)
+
+
+def _cache(s: Settings) -> Projector:
+    client = redis.Redis.from_url(s.redis_url)
+    return TaskCacheProjector(TaskCache(s, client), client)
+
+
+PROJECTORS: dict[str, Callable[[Settings], Projector]] = {
+    "ocr": _ocr, "embed": _embed, "search": _search, "cache": _cache,
+}
+
+
+def build_runtime(settings: Settings, name: str, *, group_id: str | None = None,
+                  stop: threading.Event | None = None) -> ConsumerRuntime:
+    """The consumer runtime of projector `name`."""
+    return ConsumerRuntime(settings, PROJECTORS[name](settings), group_id=group_id, stop=stop)
+
+
+def serve_projector(settings: Settings, name: str, host: str, port: int) -> int:
+    """Run one projector until SIGTERM (the batch in hand is finished and committed)."""
+    runtime = build_runtime(settings, name)
+    return serve_until_stopped(runtime.stop, runtime.health, host, port, runtime.run)

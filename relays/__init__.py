@@ -1,0 +1,1 @@
+"""Relays: PostgreSQL outbox -> Kafka, by logical decoding or by polling."""

@@ -1,0 +1,18 @@
+"""Prometheus metrics of the relays."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_PUBLISHED = Counter("outbox_relay_events_published_total", "events acknowledged by Kafka",
+                           ["mode"])
+BATCHES = Counter("outbox_relay_batches_total", "batches published", ["mode"])
+PUBLISH_ERRORS = Counter("outbox_relay_publish_errors_total", "batches that failed", ["mode"])
+PUBLISH_LATENCY = Histogram(
+    "outbox_relay_publish_latency_seconds",
+    "commit (or insert, in poll mode) to Kafka acknowledgement",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SLOT_LAG_BYTES = Gauge("outbox_relay_slot_retained_wal_bytes",
+                       "WAL retained by the replication slot")
+OLDEST_UNPUBLISHED_AGE = Gauge("outbox_relay_oldest_unpublished_age_seconds",
+                               "age of the oldest event not yet published")
+IS_LEADER = Gauge("outbox_relay_leader", "1 while this process holds the relay lock")

@@ -1,0 +1,138 @@
+"""The shared publish step: an idempotent confluent-kafka producer that sends a batch
+asynchronously and reports success only when every message of it was acknowledged."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from outbox.settings import Settings
+from relays.metrics import PUBLISH_LATENCY
+from relays.record import OutboxRecord
+
+log = structlog.get_logger(__name__)
+
+
+class PublishError(RuntimeError):
+    """Some message of the batch was not acknowledged: the position must not move."""
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Producer settings shared by the relays and the benchmark's raw producer."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "batch.num.messages": 10000,
+        "queue.buffering.max.messages": 200000,
+        "queue.buffering.max.kbytes": 262144,
+        "message.timeout.ms": 60000,
+        # murmur2 partitions like the Java clients: the same key lands in the same partition
+        # whichever client produces it.
+        "partitioner": "murmur2_random",
+        **overrides,
+    }
+
+
+class TopicManager:
+    """Creates `<prefix>.<aggregate_type>` topics with the configured partition count."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self._partitions = settings.topic_partitions
+        self._known: set[str] = set()
+
+    def ensure(self, topic: str) -> None:
+        """Create the topic unless seen before (an existing topic is fine)."""
+        if topic in self._known:
+            return
+        existing = set(self._admin.list_topics(timeout=10).topics)
+        to_create = [] if topic in existing else [NewTopic(topic, self._partitions, 1)]
+        if to_create:
+            for topic, fut in self._admin.create_topics(to_create).items():
+                try:
+                    fut.result(timeout=30)
+                    log.info("topic_created", topic=topic, partitions=self._partitions)
+                except KafkaException as exc:
+                    if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+        self._known.add(topic)
+
+
+class BatchPublisher:
+    """Publishes batches of outbox records; `publish` returns only when all are acked."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stop_requested: Callable[[], bool],
+        observe_latency: Callable[[float], None] = PUBLISH_LATENCY.observe,
+    ) -> None:
+        self._prefix = settings.topic_prefix
+        self._observe_latency = observe_latency
+        self._producer = Producer(producer_config(settings))
+        self._topics = TopicManager(settings)
+        self._stop_requested = stop_requested
+        self._errors: list[str] = []
+        self._pending = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any, commit_time: float | None) -> None:
+        self._pending -= 1
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+        elif commit_time is not None:
+            self._observe_latency(max(0.0, time.time() - commit_time))
+
+    def publish(self, records: Iterable[OutboxRecord], grace_s: float = 10.0) -> int:
+        """Send every record (key = aggregate id) and wait for all acknowledgements.
+
+        Raises PublishError when any message failed, or when a stop was requested and the
+        acknowledgements did not arrive within `grace_s`: the caller must then not advance.
+        """
+        self._errors.clear()
+        count = 0
+        for rec in records:
+            topic = rec.topic(self._prefix)
+            self._topics.ensure(topic)
+            ct = rec.commit_time
+            while True:
+                try:
+                    self._producer.produce(
+                        topic,
+                        key=rec.aggregate_id.encode(),
+                        value=rec.value(),
+                        headers=rec.kafka_headers(),
+                        on_delivery=lambda err, msg, ct=ct: self._on_delivery(err, msg, ct),
+                    )
+                    break
+                except BufferError:  # local queue full: bounded memory, wait for acks
+                    self._producer.poll(0.05)
+            self._pending += 1
+            count += 1
+            if count % 1000 == 0:  # serve delivery callbacks now and then, not per message
+                self._producer.poll(0)
+        self._wait_for_acks(grace_s)
+        if self._errors:
+            first = self._errors[0]
+            raise PublishError(f"{len(self._errors)} of {count} messages failed, first: {first}")
+        return count
+
+    def _wait_for_acks(self, grace_s: float) -> None:
+        stop_deadline: float | None = None
+        while self._pending > 0:
+            self._producer.flush(0.5)
+            if self._stop_requested():
+                stop_deadline = stop_deadline or time.monotonic() + grace_s
+                if time.monotonic() > stop_deadline:
+                    raise PublishError(f"stopping with {self._pending} messages unacknowledged")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush what is left and release the producer."""
+        self._producer.flush(timeout_s)

@@ -1,0 +1,157 @@
+"""Running a relay as a process: election, wake-ups, retries, janitor, graceful stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import psycopg
+import structlog
+
+from outbox.db import libpq_dsn
+from outbox.observability import serve_until_stopped
+from outbox.settings import Settings
+from relays.election import LeaderLock
+from relays.janitor import purge_outbox
+from relays.logical import LogicalRelay
+from relays.metrics import BATCHES, EVENTS_PUBLISHED, IS_LEADER, PUBLISH_ERRORS, PUBLISH_LATENCY
+from relays.poll import PollRelay
+from relays.publisher import BatchPublisher, PublishError
+
+log = structlog.get_logger(__name__)
+
+MODES = ("logical", "poll")
+
+
+class Relay(Protocol):
+    mode: str
+
+    def setup(self) -> None: ...
+    def run_once(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Waker:
+    """Blocks until the outbox trigger's NOTIFY arrives, or the fallback interval passes."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._dsn = dsn
+        self._channel = f"outbox_{schema}"
+        self._conn: psycopg.Connection | None = None
+
+    def wait(self, timeout: float) -> None:
+        """Return on a notification or after `timeout` seconds."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self._dsn, autocommit=True)
+                self._conn.execute(f'listen "{self._channel}"')
+            for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error as exc:
+            log.warning("listen_failed", error=str(exc))
+            self._conn = None
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class RelayProcess:
+    """One relay: waits as a standby until it holds the lock, then publishes until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        mode: str,
+        stop: threading.Event | None = None,
+        observe_latency: Callable[[float], None] = PUBLISH_LATENCY.observe,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.settings = settings
+        self.mode = mode
+        self.stop = stop or threading.Event()
+        self.dsn = libpq_dsn(settings)
+        self.leader = False
+        self.last_batch_at: float | None = None
+        self._observe_latency = observe_latency
+
+    def health(self) -> dict[str, object]:
+        """Healthy as leader or standby; the report says which."""
+        return {"status": "ok", "mode": self.mode,
+                "role": "leader" if self.leader else "standby",
+                "last_batch_at": self.last_batch_at}
+
+    def _make_relay(self, publisher: BatchPublisher) -> Relay:
+        cls = LogicalRelay if self.mode == "logical" else PollRelay
+        return cls(self.settings, self.dsn, publisher)
+
+    def run(self) -> int:
+        """Run until `stop` is set; return the process exit code."""
+        lock = LeaderLock(self.dsn, f"outbox-relay:{self.settings.db_schema}")
+        if not lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
+            return 0
+        self.leader = True
+        IS_LEADER.set(1)
+        publisher = BatchPublisher(self.settings, stop_requested=self.stop.is_set,
+                                   observe_latency=self._observe_latency)
+        relay = self._make_relay(publisher)
+        waker = Waker(self.dsn, self.settings.db_schema)
+        try:
+            self._loop(relay, waker, lock)
+        finally:
+            relay.close()
+            waker.close()
+            publisher.close()
+            lock.release()
+            self.leader = False
+            IS_LEADER.set(0)
+            log.info("relay_stopped", mode=self.mode)
+        return 0
+
+    def _loop(self, relay: Relay, waker: Waker, lock: LeaderLock) -> None:
+        backoff = 0.0
+        ready = False
+        next_janitor = time.monotonic() + self.settings.janitor_interval_s
+        while not self.stop.is_set():
+            try:
+                if not ready:
+                    relay.setup()
+                    ready = True
+                    log.info("relay_started", mode=self.mode, schema=self.settings.db_schema)
+                count = relay.run_once()
+                backoff = 0.0
+                if count:
+                    self.last_batch_at = time.time()
+                    EVENTS_PUBLISHED.labels(self.mode).inc(count)
+                    BATCHES.labels(self.mode).inc()
+                    continue
+                if time.monotonic() > next_janitor:
+                    self._janitor()
+                    next_janitor = time.monotonic() + self.settings.janitor_interval_s
+                if not lock.still_held():
+                    log.error("leader_lock_lost")
+                    return
+                waker.wait(self.settings.relay_poll_interval_s)
+            except (PublishError, psycopg.Error, OSError) as exc:
+                PUBLISH_ERRORS.labels(self.mode).inc()
+                if isinstance(exc, psycopg.Error):
+                    ready = False
+                backoff = min(max(backoff * 2, 0.5), 10.0)
+                log.warning("relay_retry", error=str(exc)[:300], backoff_s=backoff)
+                self.stop.wait(backoff)
+
+    def _janitor(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            deleted = purge_outbox(conn, self.mode, self.settings.outbox_retention_s)
+        if deleted:
+            log.info("outbox_purged", rows=deleted)
+
+
+def serve_relay(settings: Settings, mode: str, host: str, port: int) -> int:
+    """The `outbox relay` process: metrics and health on host:port, SIGTERM stops it."""
+    process = RelayProcess(settings, mode)
+    return serve_until_stopped(process.stop, process.health, host, port, process.run)

@@ -1,0 +1,125 @@
+"""Fixtures: each test gets isolated resources on the shared servers `make up` started."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from elasticsearch import Elasticsearch
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from outbox.settings import Settings
+from tests.auth import API_KEYS
+
+REQUIRED = ("OUTBOX_DATABASE_URL", "OUTBOX_KAFKA_BOOTSTRAP", "OUTBOX_S3_ENDPOINT", "OUTBOX_ES_URL")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = [k for k in REQUIRED if not os.environ.get(k)]
+    if missing:
+        raise pytest.UsageError(
+            f"{', '.join(missing)} not set: run the tests with `make test` (it starts the stack "
+            "and sources .outbox/env)"
+        )
+
+
+@pytest.fixture
+def uid() -> str:
+    """A short unique token for naming this test's resources."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def base_settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def pg_schema(base_settings: Settings, uid: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema, dropped after the test."""
+    name = f"t_{uid}"
+    engine = create_engine(base_settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{name}"'))
+    yield name
+    with engine.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(base_settings: Settings, pg_schema: str, uid: str) -> Settings:
+    """Settings whose schema, topic prefix, index and Redis prefix belong to this test only."""
+    return base_settings.model_copy(
+        update={
+            "db_schema": pg_schema,
+            "topic_prefix": f"t{uid}",
+            "es_index": f"t{uid}-images",
+            "redis_prefix": f"t{uid}",
+        }
+    )
+
+
+@pytest.fixture
+def raw_engine(base_settings: Settings) -> Iterator[Engine]:
+    engine = create_engine(base_settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def es(base_settings: Settings) -> Iterator[Elasticsearch]:
+    client = Elasticsearch(base_settings.es_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_client(base_settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(base_settings.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def migrated(settings: Settings) -> Settings:
+    """This test's settings, with the migrations applied to its schema."""
+    from outbox.migrate import migrate
+
+    migrate(settings)
+    return settings
+
+
+@pytest.fixture
+def engine(migrated: Settings) -> Iterator[Engine]:
+    from outbox.db import make_engine
+
+    eng = make_engine(migrated)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def api_settings(migrated: Settings) -> Settings:
+    from pydantic import SecretStr
+
+    return migrated.model_copy(
+        update={"api_keys": SecretStr(API_KEYS), "max_upload_bytes": 200_000}
+    )
+
+
+@pytest.fixture
+def api(api_settings: Settings) -> Iterator:
+    """The HTTP API in process (real PostgreSQL and S3 behind it)."""
+    from fastapi.testclient import TestClient
+
+    from outbox.api.app import create_app
+
+    app = create_app(api_settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+    app.state.ctx.engine.dispose()

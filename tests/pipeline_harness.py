@@ -1,0 +1,69 @@
+"""Running the whole pipeline in one test process: the relay and the four projectors on
+threads, each with its own stop event, against the real services."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY
+
+from outbox.settings import Settings
+from projectors.registry import build_runtime
+from projectors.runtime import ConsumerRuntime
+from relays.runner import RelayProcess
+
+PROJECTOR_NAMES = ("ocr", "embed", "search", "cache")
+
+
+def metric(name: str, **labels: str) -> float:
+    """A counter's current value in this process (0 when never incremented)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    relay: RelayProcess | None = None
+    runtimes: dict[str, ConsumerRuntime] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start_relay(self) -> None:
+        self.relay = RelayProcess(self.settings, "logical")
+        t = threading.Thread(target=self.relay.run, daemon=True)
+        t.start()
+        self.threads.append(t)
+        while not self.relay.leader:
+            time.sleep(0.05)
+
+    def start_projector(self, name: str, group_id: str | None = None) -> ConsumerRuntime:
+        rt = build_runtime(self.settings, name, group_id=group_id)
+        t = threading.Thread(target=rt.run, daemon=True, name=f"projector-{name}")
+        t.start()
+        self.threads.append(t)
+        self.runtimes[name] = rt
+        return rt
+
+    def stop_projector(self, name: str) -> None:
+        rt = self.runtimes.pop(name)
+        rt.stop.set()
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop.set()
+        for rt in self.runtimes.values():
+            rt.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def wait_for(predicate, timeout_s: float = 120, interval_s: float = 0.3, what: str = ""):
+    """Poll until `predicate()` is truthy; return its value or fail with `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out waiting for {what or predicate}")

@@ -1,0 +1,224 @@
+"""Test harness for relays: load generators, relay processes, and reading topics back with
+kafka-python (a client independent of the relay's confluent-kafka)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from outbox import emit
+from outbox.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_counter_table(engine: Engine, aggregates: int) -> None:
+    """A table of aggregates whose row lock serializes the writers of one aggregate."""
+    with engine.begin() as conn:
+        conn.execute(text("create table agg (id int primary key, version int not null)"))
+        conn.execute(text("insert into agg select g, 0 from generate_series(0, :n - 1) g"),
+                     {"n": aggregates})
+
+
+@dataclass
+class LoadResult:
+    committed: set[str] = field(default_factory=set)
+    rolled_back: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def write_load(engine: Engine, *, events: int, aggregates: int, threads: int,
+               rollback_every: int = 7, per_tx: int = 3, result: LoadResult | None = None,
+               seed: int = 1) -> LoadResult:
+    """`events` events from concurrent transactions of 1..per_tx events each; every
+    `rollback_every`-th transaction rolls back. Each event bumps its aggregate's version
+    (row lock first, then the outbox row, as the application does)."""
+    result = result or LoadResult()
+    budget = iter(range(events))
+    budget_lock = threading.Lock()
+
+    def take(n: int) -> int:
+        got = 0
+        with budget_lock:
+            for _ in range(n):
+                if next(budget, None) is None:
+                    break
+                got += 1
+        return got
+
+    def worker(wid: int) -> None:
+        rnd = random.Random(seed * 1000 + wid)
+        tx = 0
+        while True:
+            n = take(rnd.randint(1, per_tx))
+            if n == 0:
+                return
+            tx += 1
+            rollback = tx % rollback_every == 0
+            ids = []
+            conn = engine.connect()
+            trans = conn.begin()
+            # Locks taken in id order: concurrent transactions cannot deadlock.
+            for agg in sorted(rnd.randrange(aggregates) for _ in range(n)):
+                version = conn.execute(text(
+                    "update agg set version = version + 1 where id = :id returning version"),
+                    {"id": agg}).scalar_one()
+                eid = emit(conn, aggregate_type="counter", aggregate_id=str(agg),
+                           type="counter.bumped", aggregate_version=version, org_id="o",
+                           payload={"agg": agg, "version": version, "pad": "x" * 64})
+                ids.append(str(eid))
+            if rollback:
+                trans.rollback()
+            else:
+                trans.commit()
+            conn.close()
+            with result.lock:
+                (result.rolled_back if rollback else result.committed).update(ids)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return result
+
+
+@dataclass
+class TopicRead:
+    ids: Counter = field(default_factory=Counter)
+    versions: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    headers_ok: bool = True
+
+    @property
+    def duplicates(self) -> int:
+        return sum(c - 1 for c in self.ids.values())
+
+
+def read_topic(bootstrap: str, topic: str, expect: set[str], timeout_s: float = 90) -> TopicRead:
+    """Read `topic` from the beginning with kafka-python until every id in `expect` was
+    seen (or the timeout passes); record per-aggregate versions in partition order."""
+    out = TopicRead()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=1000)
+    deadline = time.monotonic() + timeout_s
+    parts = None
+    while not parts and time.monotonic() < deadline:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            time.sleep(0.5)
+    if not parts:
+        consumer.close()
+        return out
+    consumer.assign([TopicPartition(topic, p) for p in parts])
+    consumer.seek_to_beginning()
+    while time.monotonic() < deadline and not expect <= set(out.ids):
+        for msg in consumer:
+            env = json.loads(msg.value)
+            out.ids[env["id"]] += 1
+            out.versions[msg.key.decode()].append(env["aggregate_version"])
+            hdrs = dict(msg.headers)
+            if hdrs.get("id") != env["id"].encode() or "traceparent" not in hdrs:
+                out.headers_ok = False
+    consumer.close()
+    return out
+
+
+def order_violations(versions: dict[str, list[int]]) -> list[str]:
+    """Per aggregate, a version never arrives before its predecessor did; a redelivered run
+    (after a relay restart) may repeat versions already sent. Returns the violations."""
+    bad = []
+    for agg, seq in versions.items():
+        high = 0
+        for i, v in enumerate(seq):
+            if v > high + 1:
+                bad.append(f"aggregate {agg}: {v} after {high} at {i}: {seq[max(0, i-5):i+5]}")
+            high = max(high, v)
+    return bad
+
+
+class RelayProc:
+    """`outbox relay` as a child process with its own settings."""
+
+    def __init__(self, settings: Settings, mode: str, log_path: Path, **extra_env: str):
+        env = {**os.environ, **settings_env(settings), **extra_env}
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox.cli", "relay", "--mode", mode, "--log-level",
+             extra_env.get("OUTBOX_LOG_LEVEL", "INFO"),
+             "--metrics-port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def health(self) -> dict | None:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).json()
+        except requests.RequestException:
+            return None
+
+    def metrics(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
+
+    def wait_role(self, role: str, timeout_s: float = 30) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            h = self.health()
+            if h and h.get("role") == role:
+                return time.monotonic() - start
+            time.sleep(0.1)
+        raise AssertionError(f"relay never became {role}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these settings."""
+    return {
+        "OUTBOX_DB_SCHEMA": settings.db_schema,
+        "OUTBOX_TOPIC_PREFIX": settings.topic_prefix,
+        "OUTBOX_ES_INDEX": settings.es_index,
+        "OUTBOX_REDIS_PREFIX": settings.redis_prefix,
+        "OUTBOX_RELAY_POLL_INTERVAL_S": str(settings.relay_poll_interval_s),
+        "OUTBOX_RELAY_LOCK_POLL_S": str(settings.relay_lock_poll_s),
+        "OUTBOX_RELAY_HEARTBEAT_S": str(settings.relay_heartbeat_s),
+        "OUTBOX_API_KEYS": settings.api_keys.get_secret_value(),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stack(command: str) -> None:
+    """Run an `infra/stack.sh` command (stop-broker, start-broker...)."""
+    subprocess.run([str(ROOT / "infra" / "stack.sh"), command], check=True,
+                   capture_output=True)

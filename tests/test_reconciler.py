@@ -1,0 +1,99 @@
+"""The reconciler repairs overdue images: lost confirmations, never-uploaded, abandoned and
+stuck OCR attempts, each through a guarded transition with its event."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+
+from outbox.image_store import transition
+from outbox.models import outbox_table
+from outbox.reconciler import Reconciler
+from outbox.storage import s3_client
+from tests.auth import AUTH_A
+from tests.images import png_bytes, upload
+
+
+@pytest.fixture
+def reconciler(api_settings, engine):
+    return Reconciler(api_settings, engine, s3_client(api_settings))
+
+
+def _create(api, body: bytes, **extra) -> dict:
+    r = api.post("/v1/images", headers=AUTH_A, json={
+        "filename": "a.png", "content_type": "image/png", "size": len(body), **extra})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _overdue(engine, image_id: str) -> None:
+    """Let the deadline pass without waiting for it."""
+    with engine.begin() as conn:
+        conn.execute(text("update image set deadline_at = now() - interval '1 second' "
+                          "where id = :id"), {"id": image_id})
+
+
+def _state(api, image_id: str) -> dict:
+    return api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()
+
+
+def _events(engine, image_id: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(outbox_table.c.type).where(
+            outbox_table.c.aggregate_id == image_id).order_by(outbox_table.c.seq)).scalars())
+
+
+def test_lost_confirmation_is_recovered(api, engine, reconciler):
+    body = png_bytes("uploaded, never confirmed")
+    created = _create(api, body, metadata={"title": "lost confirm"})
+    upload(created, body)
+    _overdue(engine, created["id"])
+    assert reconciler.run_once() == {"ocr_pending": 1}
+    assert _state(api, created["id"])["state"] == "ocr_pending"
+    assert _events(engine, created["id"]) == ["image.requested", "image.uploaded",
+                                             "image.ocr_requested"]
+
+
+def test_never_uploaded_expires_and_not_due_is_untouched(api, engine, reconciler):
+    gone = _create(api, png_bytes())
+    fresh = _create(api, png_bytes())
+    _overdue(engine, gone["id"])
+    assert reconciler.run_once() == {"expired": 1}
+    assert _state(api, gone["id"])["state"] == "expired"
+    assert _state(api, fresh["id"])["state"] == "requested"
+    assert reconciler.run_once() == {}
+
+
+def test_upload_without_metadata_is_abandoned_and_its_object_deleted(api, engine, reconciler,
+                                                                     api_settings):
+    body = png_bytes()
+    created = _create(api, body)
+    upload(created, body)
+    assert api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A).status_code == 200
+    _overdue(engine, created["id"])
+    assert reconciler.run_once() == {"abandoned": 1}
+    s3 = s3_client(api_settings)
+    listed = s3.list_objects_v2(Bucket=api_settings.s3_bucket,
+                                Prefix=created["upload_fields"]["key"])
+    assert listed.get("KeyCount", 0) == 0
+
+
+@pytest.mark.parametrize(("attempts", "expected"), [(1, "ocr_pending"), (3, "ocr_failed")])
+def test_stuck_ocr_attempt_is_retried_or_failed(api, engine, reconciler, api_settings,
+                                                 attempts, expected):
+    body = png_bytes()
+    created = _create(api, body, metadata={"title": "stuck"})
+    upload(created, body)
+    api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A)
+    from outbox.image_policy import ImageState
+    from outbox.image_store import load_image
+
+    with engine.begin() as conn:  # a worker claimed it, then died
+        row = load_image(conn, "org-a", uuid.UUID(created["id"]))
+        transition(conn, row, ImageState.OCR_RUNNING, api_settings, {"attempts": attempts})
+    _overdue(engine, created["id"])
+    assert reconciler.run_once() == {expected: 1}
+    doc = _state(api, created["id"])
+    assert doc["state"] == expected and doc["last_error"] == "OCR attempt timed out"
