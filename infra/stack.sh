@@ -256,7 +256,17 @@ cmd_up() {
 }
 
 cmd_down() {
-    local i
+    local i f pid
+    # Demo children left behind (the demo stops them itself unless it was SIGKILLed).
+    for f in "$RUN"/demo-*.pid; do
+        [ -e "$f" ] || continue
+        pid="$(cat "$f")"
+        # Only if the PID still is a demo child, not a process that reused the number.
+        if pid_alive "$pid" && grep -qa outbox.cli "/proc/$pid/cmdline" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+        rm -f "$f"
+    done
     # Reverse order: the broker stops before the object store it writes to.
     for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_one "${SERVICES[$i]}"; done
 }

@@ -9,6 +9,9 @@ from collections.abc import Callable, Sequence
 
 from outbox.settings import get_settings
 
+# Defaults that let the four projectors run side by side on one host.
+PROJECTOR_METRICS_PORTS = {"ocr": 9465, "embed": 9466, "search": 9467, "cache": 9468}
+
 
 def _cmd_config(_: argparse.Namespace) -> int:
     """Print where each service is, as this process sees the configuration."""
@@ -62,7 +65,8 @@ def _cmd_project(args: argparse.Namespace) -> int:
     from projectors.registry import serve_projector
 
     configure_logging(f"projector-{args.name}", args.log_level)
-    return serve_projector(get_settings(), args.name, args.metrics_host, args.metrics_port)
+    port = PROJECTOR_METRICS_PORTS[args.name] if args.metrics_port is None else args.metrics_port
+    return serve_projector(get_settings(), args.name, args.metrics_host, port)
 
 
 def _cmd_reconcile(args: argparse.Namespace) -> int:
@@ -103,10 +107,12 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_arguments(p: argparse.ArgumentParser, metrics_port: int) -> None:
+def _service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
+                       default_help: str = "") -> None:
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--metrics-port", type=int, default=metrics_port,
-                   help="/metrics and /healthz (0: any free port)")
+                   help=f"/metrics and /healthz (0: any free port; default: "
+                        f"{default_help or metrics_port})")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -135,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_relay)
 
     p = sub.add_parser("project", help="run one projector (a consumer group of its own)")
-    p.add_argument("name", choices=["ocr", "embed", "search", "cache"],
+    p.add_argument("name", choices=list(PROJECTOR_METRICS_PORTS),
                    help="ocr/embed write results back through the outbox; search/cache are views")
-    _service_arguments(p, metrics_port=9465)
+    _service_arguments(p, metrics_port=None,
+                       default_help=", ".join(f"{n} {port}" for n, port in
+                                              PROJECTOR_METRICS_PORTS.items()))
     p.set_defaults(func=_cmd_project)
 
     p = sub.add_parser("reconcile", help="repair stuck, orphaned and expired images")

@@ -68,6 +68,8 @@ QUERIES = [("harbour cafe", "text"), ("invoice", "text"), ("超市", "text"), ("
 
 @dataclass
 class Upload:
+    """One demo image on its way through the pipeline, with its stage timestamps."""
+
     id: str
     title: str
     submitted: float
@@ -85,6 +87,7 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, args: list[str]) -> None:
+        """Start `outbox <args>` as child `name`, logging to its file."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"demo-{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -94,6 +97,7 @@ class Processes:
         self.procs[name] = proc
 
     def stop(self) -> None:
+        """SIGTERM every child, wait for it, SIGKILL what does not exit in time."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -160,6 +164,8 @@ def run_demo(settings: Settings, state_dir: Path) -> int:
     console.print(f"[bold]migrating[/] schema {settings.db_schema!r}")
     migrate(settings)
     procs = Processes(state_dir, env)
+    # SIGTERM unwinds like Ctrl-C, so the children are stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         procs.start("api", ["api", "--port", str(API_PORT)])
         procs.start("relay", ["relay", "--metrics-port", str(METRICS_PORTS["relay"])])

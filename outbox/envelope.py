@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "event-envelope.schema.json"
@@ -30,7 +29,7 @@ class EventEnvelope(BaseModel):
     aggregate_id: str = Field(min_length=1)
     aggregate_version: int | None = Field(default=None, ge=0)
     org_id: str | None = None
-    occurred_at: datetime
+    occurred_at: AwareDatetime
     schema_version: int = Field(default=SCHEMA_VERSION, alias="schema")
     payload: dict[str, Any]
 

@@ -34,15 +34,21 @@ class ImageError(Exception):
 
 
 class ImageNotFound(ImageError):
+    """No such image in the caller's org."""
+
     code = "not_found"
     status = 404
 
 
 class IllegalTransition(ImageError):
+    """The transition table does not allow this move."""
+
     code = "illegal_transition"
 
 
 class StaleVersion(ImageError):
+    """The image changed since it was read."""
+
     code = "version_conflict"
 
 

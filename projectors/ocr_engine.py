@@ -25,6 +25,8 @@ class UnreadableImage(ValueError):
 
 @dataclass(frozen=True)
 class OcrResult:
+    """What tesseract read from one image, and which engine read it."""
+
     text: str
     language: str
     engine: str

@@ -4,8 +4,11 @@ Poll a batch, decode it (undecodable messages go to `<topic>.dlq.<projector>` wi
 reason in headers), hand it to the projector, and commit the offsets of exactly what was
 applied, never before. A batch is applied and committed before the next poll, so a rebalance
 never finds applied-but-uncommitted work; a revocation during a retry abandons the batch
-(it is redelivered to the new owner). Errors: bounded retries with backoff while the
-partitions are paused; then each message alone, and the ones that still fail go to the DLQ.
+(it is redelivered to the new owner). Errors, always with the partitions paused: an
+unreachable sink (see `transient_errors`) is retried until it is back or the process
+stops; any other error gets bounded retries, then each message is applied alone and the
+ones that still fail go to the DLQ. A batch that is neither applied nor dead-lettered is
+handed back: the consumer seeks to its first offsets, nothing after it is committed.
 """
 
 from __future__ import annotations
@@ -17,12 +20,20 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from pydantic import ValidationError
 
 from outbox.envelope import EventEnvelope
 from outbox.settings import Settings
 from projectors.metrics import APPLIED, BATCH_SECONDS, DEAD_LETTERS, LAG_SECONDS, RETRIES
+from projectors.transient_errors import is_transient
 from relays.publisher import TopicManager, producer_config
 
 log = structlog.get_logger(__name__)
@@ -60,6 +71,7 @@ class ConsumerRuntime:
         self.topics = [f"{settings.topic_prefix}.{t}" for t in projector.aggregate_types]
         self.last_applied_at: float | None = None
         self._revoked = False
+        self._dlq_errors: list[str] = []
         self._consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": self.group_id,
@@ -104,6 +116,7 @@ class ConsumerRuntime:
 
     def _handle(self, msgs: list[Message]) -> None:
         self._revoked = False
+        self._dlq_errors.clear()
         items: list[tuple[Message, EventEnvelope]] = []
         for msg in msgs:
             err = msg.error()
@@ -117,9 +130,16 @@ class ConsumerRuntime:
                 self._dead_letter(msg, f"undecodable: {exc}".replace("\n", " ")[:500])
         start = time.perf_counter()
         if not self._apply_with_retries(items):
-            return  # partitions revoked meanwhile: the new owner gets the batch
+            self._hand_back(msgs)
+            return
         BATCH_SECONDS.labels(self.projector.name).observe(time.perf_counter() - start)
-        self._dlq.flush(30)  # dead letters are durable before their offsets are committed
+        # Dead letters are durable before their offsets are committed.
+        if self._dlq.flush(30) or self._dlq_errors:
+            log.error("dead_letter_failed", projector=self.projector.name,
+                      errors=self._dlq_errors[:3])
+            self._hand_back(msgs)
+            self._paused_wait(1.0)
+            return
         self._commit(msgs)
         if items:
             APPLIED.labels(self.projector.name).inc(len(items))
@@ -128,44 +148,72 @@ class ConsumerRuntime:
                 max(0.0, (datetime.now(UTC) - last).total_seconds()))
             self.last_applied_at = time.time()
 
+    def _hand_back(self, msgs: list[Message]) -> None:
+        """Seek back to the first offset of each partition of an unfinished batch, so it
+        is consumed again (by this process, or by the new owner after a revocation)."""
+        if self._revoked:
+            return  # the new assignment starts from the committed offsets anyway
+        first: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            if m.error() is None:
+                key = (m.topic(), m.partition())
+                first[key] = min(first.get(key, m.offset()), m.offset())
+        for (topic, partition), offset in first.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+
     def _apply_with_retries(self, items: list[tuple[Message, EventEnvelope]]) -> bool:
+        """Apply the batch; False when it was not finished (revoked, stopping)."""
         if not items:
             return True
         events = [env for _, env in items]
-        for attempt in range(self.settings.projector_max_retries + 1):
+        attempt = failures = 0
+        while True:
             try:
                 self.projector.apply(events)
                 return True
             except Exception as exc:  # the sink decides what is retriable by raising
-                if attempt == self.settings.projector_max_retries:
-                    log.error("batch_failed", projector=self.projector.name, error=str(exc))
-                    break
+                transient = is_transient(exc)
+                if not transient:
+                    failures += 1
+                    if failures > self.settings.projector_max_retries:
+                        log.error("batch_failed", projector=self.projector.name,
+                                  error=str(exc))
+                        break
                 RETRIES.labels(self.projector.name).inc()
-                backoff = min(0.2 * 2**attempt, 5.0)
-                log.warning("batch_retry", projector=self.projector.name, error=str(exc),
-                            attempt=attempt + 1, backoff_s=backoff)
+                backoff = min(0.2 * 2 ** min(attempt, 5), 5.0)
+                attempt += 1
+                log.warning("sink_unavailable" if transient else "batch_retry",
+                            projector=self.projector.name, error=str(exc)[:300],
+                            attempt=attempt, backoff_s=backoff)
                 if not self._paused_wait(backoff):
                     return False
         for msg, env in items:  # isolate the poison message(s); the rest are applied
             try:
                 self.projector.apply([env])
             except Exception as exc:
+                if is_transient(exc):  # the sink went away: not this message's fault
+                    return False
                 self._dead_letter(msg, f"apply failed: {exc}".replace("\n", " ")[:500])
         return True
 
     def _paused_wait(self, seconds: float) -> bool:
         """Wait with the partitions paused (no fetching, no spinning) while still serving
-        group callbacks. False when the partitions were revoked meanwhile."""
+        group callbacks. False when the partitions were revoked or a stop was requested."""
         assignment = self._consumer.assignment()
         self._consumer.pause(assignment)
         deadline = time.monotonic() + seconds
         try:
-            while time.monotonic() < deadline and not self._revoked:
-                self._consumer.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+            while time.monotonic() < deadline and not self._revoked and not self.stop.is_set():
+                msg = self._consumer.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+                if msg is not None and msg.error() is None:
+                    # From a partition assigned during the wait (not paused): read it again
+                    # later rather than skip it.
+                    self._consumer.seek(TopicPartition(msg.topic(), msg.partition(),
+                                                       msg.offset()))
         finally:
             if not self._revoked:
                 self._consumer.resume(assignment)
-        return not self._revoked
+        return not self._revoked and not self.stop.is_set()
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
         topic = dlq_topic(msg.topic() or "unknown", self.projector.name)
@@ -175,9 +223,14 @@ class ConsumerRuntime:
                    ("source_partition", str(msg.partition()).encode()),
                    ("source_offset", str(msg.offset()).encode())]
         self._dlq.produce(topic, key=msg.key(), value=msg.value(),
-                          headers=headers + list(msg.headers() or []))
+                          headers=headers + list(msg.headers() or []),
+                          on_delivery=self._on_dead_letter_delivery)
         DEAD_LETTERS.labels(self.projector.name).inc()
         log.warning("dead_lettered", topic=topic, offset=msg.offset(), reason=reason[:200])
+
+    def _on_dead_letter_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._dlq_errors.append(str(err))
 
     def _commit(self, msgs: list[Message]) -> None:
         next_offsets: dict[tuple[str, int], int] = {}
@@ -185,7 +238,13 @@ class ConsumerRuntime:
             if m.error() is None:
                 key = (m.topic(), m.partition())
                 next_offsets[key] = max(next_offsets.get(key, 0), m.offset() + 1)
-        if next_offsets:
+        if not next_offsets:
+            return
+        try:
             self._consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()],
                 asynchronous=False)
+        except KafkaException as exc:
+            # Rebalancing, or the coordinator is away: the batch is applied, and applying it
+            # again on redelivery is harmless, so go on.
+            log.warning("commit_failed", projector=self.projector.name, error=str(exc))

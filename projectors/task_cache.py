@@ -75,13 +75,20 @@ class TaskCache:
         for step in ("ocr", "embed"):
             if f"{step}_state" in fields:
                 fields[f"{step}_updated_at"] = e.occurred_at.isoformat()
-        ttl = self._ttl if doc["state"] in TERMINAL or doc["state"] == S.EMBEDDED else 0
-        return self._write(e.aggregate_id, "version", e.aggregate_version or 0, ttl, fields)
+        return self._write(e.aggregate_id, "version", e.aggregate_version or 0,
+                           self._ttl_for(e), fields)
 
     def mark_indexed(self, e: EventEnvelope) -> bool:
         """The search view holds this version (written by the search projector)."""
-        return self._write(e.aggregate_id, "index_version", e.aggregate_version or 0, 0, {
-            "index_state": "succeeded", "index_updated_at": e.occurred_at.isoformat()})
+        return self._write(e.aggregate_id, "index_version", e.aggregate_version or 0,
+                           self._ttl_for(e), {"index_state": "succeeded",
+                                              "index_updated_at": e.occurred_at.isoformat()})
+
+    def _ttl_for(self, e: EventEnvelope) -> int:
+        """Entries of finished images expire (whichever projector writes them last, and
+        also when a replay re-creates them); 0 keeps the current expiry."""
+        state = e.payload.get("state")
+        return self._ttl if state in TERMINAL or state == S.EMBEDDED else 0
 
     def _write(self, image_id: str, version_field: str, version: int, ttl: int,
                fields: dict[str, str]) -> bool:

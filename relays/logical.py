@@ -64,6 +64,7 @@ class LogicalRelay:
 
     @property
     def conn(self) -> psycopg.Connection:
+        """The relay's database connection (reopened after a loss)."""
         return self._db.get()
 
     def setup(self) -> None:

@@ -20,6 +20,8 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Begin:
+    """A transaction starts (its commit position and time are already known)."""
+
     final_lsn: int
     commit_time: float  # Unix epoch seconds
     xid: int
@@ -27,6 +29,8 @@ class Begin:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
+    """A transaction ends; `end_lsn` is where the slot may advance to."""
+
     commit_lsn: int
     end_lsn: int
     commit_time: float
@@ -34,6 +38,8 @@ class Commit:
 
 @dataclass(frozen=True, slots=True)
 class Relation:
+    """The column layout of a table, sent before its first row in a session."""
+
     relation_id: int
     namespace: str
     name: str
@@ -42,6 +48,8 @@ class Relation:
 
 @dataclass(frozen=True, slots=True)
 class Insert:
+    """One inserted row, in the column order of its Relation."""
+
     relation_id: int
     values: tuple[str | None, ...]  # text form; None for SQL NULL
 
@@ -121,12 +129,6 @@ def decode(buf: bytes) -> Message:
     if tag in b"OYUDTM":  # origin, type, update, delete, truncate, logical message
         return None
     raise DecodeError(f"unknown pgoutput message {chr(tag)!r}")
-
-
-def lsn_to_int(lsn: str) -> int:
-    """`16/B374D848` -> integer."""
-    hi, lo = lsn.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 def int_to_lsn(value: int) -> str:

@@ -40,6 +40,7 @@ class PollRelay:
 
     @property
     def conn(self) -> psycopg.Connection:
+        """The relay's database connection (reopened after a loss)."""
         return self._db.get()
 
     def setup(self) -> None:

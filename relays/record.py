@@ -59,6 +59,8 @@ class OutboxRecord:
     def kafka_headers(self) -> list[tuple[str, bytes]]:
         """`id`, `type`, then the row's own headers (`traceparent` among them)."""
         extra = orjson.loads(self.headers_json) if self.headers_json else {}
+        if not isinstance(extra, dict):  # a row written by hand may hold JSON null
+            extra = {}
         out = [("id", self.id.encode()), ("type", self.type.encode())]
         out += [(k, str(v).encode()) for k, v in extra.items() if k not in {"id", "type"}]
         return out

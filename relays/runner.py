@@ -9,6 +9,7 @@ from typing import Protocol
 
 import psycopg
 import structlog
+from confluent_kafka import KafkaException
 
 from outbox.db import libpq_dsn
 from outbox.observability import serve_until_stopped
@@ -26,6 +27,8 @@ MODES = ("logical", "poll")
 
 
 class Relay(Protocol):
+    """A relay mode: `setup` once per leadership, then `run_once` per batch."""
+
     mode: str
 
     def setup(self) -> None: ...
@@ -55,6 +58,7 @@ class Waker:
             time.sleep(timeout)
 
     def close(self) -> None:
+        """Close the LISTEN connection."""
         if self._conn is not None:
             self._conn.close()
 
@@ -68,7 +72,7 @@ class RelayProcess:
         mode: str,
         stop: threading.Event | None = None,
         observe_latency: Callable[[float], None] = PUBLISH_LATENCY.observe,
-    ):
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.settings = settings
@@ -90,33 +94,42 @@ class RelayProcess:
         return cls(self.settings, self.dsn, publisher)
 
     def run(self) -> int:
-        """Run until `stop` is set; return the process exit code."""
+        """Run until `stop` is set; return the process exit code.
+
+        Leadership can be lost (the lock's session ended, e.g. a database restart): the
+        relay then stops publishing and waits as a standby again.
+        """
         lock = LeaderLock(self.dsn, f"outbox-relay:{self.settings.db_schema}")
-        if not lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
-            return 0
-        self.leader = True
-        IS_LEADER.set(1)
-        publisher = BatchPublisher(self.settings, stop_requested=self.stop.is_set,
-                                   observe_latency=self._observe_latency)
-        relay = self._make_relay(publisher)
-        waker = Waker(self.dsn, self.settings.db_schema)
-        try:
-            self._loop(relay, waker, lock)
-        finally:
-            relay.close()
-            waker.close()
-            publisher.close()
-            lock.release()
-            self.leader = False
-            IS_LEADER.set(0)
-            log.info("relay_stopped", mode=self.mode)
+        while lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
+            self.leader = True
+            IS_LEADER.set(1)
+            publisher = BatchPublisher(self.settings, stop_requested=self.stop.is_set,
+                                       observe_latency=self._observe_latency)
+            relay = self._make_relay(publisher)
+            waker = Waker(self.dsn, self.settings.db_schema)
+            try:
+                self._lead(relay, waker, lock)
+            finally:
+                relay.close()
+                waker.close()
+                publisher.close()
+                lock.release()
+                self.leader = False
+                IS_LEADER.set(0)
+        log.info("relay_stopped", mode=self.mode)
         return 0
 
-    def _loop(self, relay: Relay, waker: Waker, lock: LeaderLock) -> None:
+    def _lead(self, relay: Relay, waker: Waker, lock: LeaderLock) -> None:
+        """Publish until stopped or until the lock is lost."""
         backoff = 0.0
         ready = False
         next_janitor = time.monotonic() + self.settings.janitor_interval_s
         while not self.stop.is_set():
+            # Checked before every batch, so a relay that lost its lock publishes at most
+            # the batch in hand next to the new leader.
+            if not lock.still_held():
+                log.error("leader_lock_lost")
+                return
             try:
                 if not ready:
                     relay.setup()
@@ -132,11 +145,8 @@ class RelayProcess:
                 if time.monotonic() > next_janitor:
                     self._janitor()
                     next_janitor = time.monotonic() + self.settings.janitor_interval_s
-                if not lock.still_held():
-                    log.error("leader_lock_lost")
-                    return
                 waker.wait(self.settings.relay_poll_interval_s)
-            except (PublishError, psycopg.Error, OSError) as exc:
+            except (PublishError, KafkaException, psycopg.Error, OSError) as exc:
                 PUBLISH_ERRORS.labels(self.mode).inc()
                 if isinstance(exc, psycopg.Error):
                     ready = False

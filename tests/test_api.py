@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 import uuid
@@ -246,8 +247,10 @@ def test_listing_is_keyset_paginated_and_filtered(api):
     assert seen == ids
     requested = api.get("/v1/images", headers=AUTH_A, params={"state": "requested"}).json()
     assert [i["id"] for i in requested["items"]] == ids[1:]
-    _assert_error(api.get("/v1/images", headers=AUTH_A, params={"cursor": "%%%"}), 400,
-                  "invalid_cursor")
+    forged = base64.urlsafe_b64encode(b'["2020-01-01T00:00:00", 5]').decode()
+    for cursor in ("%%%", forged):
+        _assert_error(api.get("/v1/images", headers=AUTH_A, params={"cursor": cursor}), 400,
+                      "invalid_cursor")
     _assert_error(api.get("/v1/images", headers=AUTH_A, params={"state": "bogus"}), 422,
                   "invalid_request")
 
@@ -257,4 +260,4 @@ def test_unknown_id_and_route(api):
     _assert_error(api.get("/v1/images/not-a-uuid", headers=AUTH_A), 422, "invalid_request")
     _assert_error(api.get("/v2/nothing", headers=AUTH_A), 404, "not_found")
     assert api.get("/healthz").json() == {"status": "ok"}
-    assert "outbox_http_requests_total" in api.get("/metrics/").text
+    assert "outbox_http_requests_total" in api.get("/metrics").text

@@ -3,13 +3,17 @@ letters for messages that keep failing, commits only of what was applied."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import uuid
 from datetime import UTC, datetime
 
 import pytest
+import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from kafka import KafkaConsumer
+from prometheus_client import REGISTRY
 
 from outbox.envelope import EventEnvelope
 from projectors.runtime import ConsumerRuntime, dlq_topic
@@ -20,24 +24,17 @@ pytestmark = pytest.mark.slow
 
 
 class FaultInjectingProjector:
-    """A projector whose sink fails on purpose: `fail_times` batch failures (a transient
-    outage), and always on the events named in `poison` (a fault no real sink can be made
-    to produce on demand for one chosen message)."""
+    """A projector whose sink fails on purpose, always, on the events named in `poison`
+    (a fault no real sink can be made to produce on demand for one chosen message)."""
 
     name = "faulty"
     aggregate_types = ("thing",)
 
-    def __init__(self, fail_times: int = 0, poison: frozenset[str] = frozenset()) -> None:
-        self.fail_times = fail_times
+    def __init__(self, poison: frozenset[str]) -> None:
         self.poison = poison
         self.applied: list[str] = []
-        self.calls = 0
 
     def apply(self, events: list[EventEnvelope]) -> None:
-        self.calls += 1
-        if self.fail_times > 0:
-            self.fail_times -= 1
-            raise ConnectionError("sink unavailable")
         if any(e.aggregate_id in self.poison for e in events):
             raise ValueError("sink refuses this document")
         self.applied += [e.aggregate_id for e in events]
@@ -79,16 +76,108 @@ def _committed(settings, group: str, topic: str) -> int:
     return sum(max(tp.offset, 0) for tp in got)
 
 
-def test_transient_failures_are_retried_then_applied_and_committed(runtime_settings):
-    projector = FaultInjectingProjector(fail_times=2)
+class RedisSinkProjector:
+    """A projector whose sink is a real Redis server: one key per event."""
+
+    name = "redis-sink"
+    aggregate_types = ("thing",)
+
+    def __init__(self, port: int) -> None:
+        self.client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
+        self.calls = 0
+
+    def apply(self, events: list[EventEnvelope]) -> None:
+        self.calls += 1
+        pipe = self.client.pipeline()
+        for e in events:
+            pipe.set(f"thing:{e.aggregate_id}", str(e.id))
+        pipe.execute()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class OwnRedis:
+    """A redis-server of the test's own on 127.0.0.1, started and stopped by its PID."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        wait_for(self._pings, timeout_s=10, interval_s=0.05, what="redis up")
+
+    def _pings(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.2).ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def own_redis():
+    server = OwnRedis()
+    yield server
+    server.stop()
+
+
+def _dead_letters(projector: str) -> float:
+    return REGISTRY.get_sample_value("outbox_projector_dead_letters_total",
+                                     {"projector": projector}) or 0.0
+
+
+def test_sink_outage_is_waited_out_not_dead_lettered(runtime_settings, own_redis):
+    # The sink is down before the first message arrives, and stays down for longer than
+    # the bounded retries of a faulty message would last.
+    projector = RedisSinkProjector(own_redis.port)
+    dead_before = _dead_letters(projector.name)
     names = [f"a{i}" for i in range(10)]
     rt, t, topic = _run(runtime_settings, projector, names)
-    wait_for(lambda: sorted(projector.applied) == sorted(names), timeout_s=60, what="applied")
+    wait_for(lambda: projector.calls > runtime_settings.projector_max_retries + 3,
+             timeout_s=60, what="retries during the outage")
+    assert _committed(runtime_settings, rt.group_id, topic) == 0
+    own_redis.start()
+    client = redis.Redis(port=own_redis.port)
+    wait_for(lambda: client.exists(*[f"thing:{n}" for n in names]) == 10, timeout_s=60,
+             what="applied after the outage")
     wait_for(lambda: _committed(runtime_settings, rt.group_id, topic) == 10, timeout_s=30,
              what="offsets committed")
     rt.stop.set()
     t.join(30)
-    assert projector.calls >= 3
+    assert _dead_letters(projector.name) == dead_before
+
+
+def test_stop_during_an_outage_hands_the_batch_back(runtime_settings, own_redis):
+    projector = RedisSinkProjector(own_redis.port)
+    names = [f"b{i}" for i in range(5)]
+    rt, t, topic = _run(runtime_settings, projector, names)
+    wait_for(lambda: projector.calls >= 2, timeout_s=60, what="retries during the outage")
+    rt.stop.set()
+    t.join(30)
+    assert not t.is_alive()
+    assert _committed(runtime_settings, rt.group_id, topic) == 0
+    own_redis.start()
+    again = RedisSinkProjector(own_redis.port)
+    rt2 = ConsumerRuntime(runtime_settings, again)
+    t2 = threading.Thread(target=rt2.run, daemon=True)
+    t2.start()
+    client = redis.Redis(port=own_redis.port)
+    wait_for(lambda: client.exists(*[f"thing:{n}" for n in names]) == 5, timeout_s=60,
+             what="applied by the next owner")
+    wait_for(lambda: _committed(runtime_settings, rt.group_id, topic) == 5, timeout_s=30,
+             what="offsets committed")
+    rt2.stop.set()
+    t2.join(30)
 
 
 def test_a_message_that_keeps_failing_is_dead_lettered_and_the_rest_applied(runtime_settings):

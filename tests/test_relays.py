@@ -159,6 +159,40 @@ def test_standby_takes_over(mode, relay_settings, engine, relays):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_leader_that_loses_its_lock_stays_in_the_election(mode, relay_settings, engine, relays,
+                                                          tmp_path):
+    create_counter_table(engine, aggregates=5)
+    first = relays(mode)
+    first.wait_role("leader")
+    second = relays(mode)
+    second.wait_role("standby")
+    # End the session that holds the leader's advisory lock, as a database restart would.
+    lock_key = f"outbox-relay:{relay_settings.db_schema}"
+    with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:
+        ended = conn.execute(
+            "select count(pg_terminate_backend(pid)) from pg_locks where locktype = 'advisory'"
+            " and granted and ((classid::bigint << 32) | objid::bigint)"
+            " = hashtextextended(%s, 0)", (lock_key,)).fetchone()[0]
+    assert ended == 1
+    deadline = time.monotonic() + 10
+    while b"leader_lock_lost" not in (tmp_path / "relay-0.log").read_bytes():
+        assert time.monotonic() < deadline, "the leader did not notice it lost its lock"
+        time.sleep(0.1)
+    # Either relay may win the new election; the old leader stays, as leader or standby.
+    time.sleep(2 * relay_settings.relay_lock_poll_s)
+    roles = {p: p.health()["role"] for p in (first, second)}
+    assert sorted(roles.values()) == ["leader", "standby"]
+    assert first.proc.poll() is None
+    load = write_load(engine, events=200, aggregates=5, threads=2)
+    got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), load.committed)
+    assert set(got.ids) == load.committed
+    leader, standby = sorted(roles, key=lambda p: roles[p] != "leader")
+    leader.kill()
+    standby.wait_role("leader", timeout_s=10)
+
+
+@pytest.mark.slow
 def test_poll_relay_does_not_skip_a_late_commit(relay_settings, engine, relays):
     relay = relays("poll")
     relay.wait_role("leader")

@@ -71,7 +71,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, image_id = json.loads(raw)
         return datetime.fromisoformat(created), uuid.UUID(image_id)
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (binascii.Error, ValueError, TypeError, AttributeError) as exc:
         raise ApiError(400, "invalid_cursor", "cursor is not one this API issued") from exc
 
 

@@ -17,6 +17,8 @@ RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 
 
 class SearchMode(StrEnum):
+    """How `q` is matched: words, meaning, or both fused."""
+
     TEXT = "text"
     VECTOR = "vector"
     HYBRID = "hybrid"

@@ -1,0 +1,34 @@
+"""Which sink errors are outages to wait out, rather than faults of one message.
+
+A projector's sinks are PostgreSQL, S3, Elasticsearch and Redis. While one of them is down
+or overloaded, every batch fails the same way: the runtime keeps the batch and retries it
+for as long as that lasts, instead of dead-lettering good messages.
+"""
+
+from __future__ import annotations
+
+import botocore.exceptions
+import elastic_transport
+import redis.exceptions
+import sqlalchemy.exc
+from elasticsearch import ApiError
+
+TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionError, TimeoutError and the vendored HTTP timeouts of botocore
+    sqlalchemy.exc.OperationalError,  # lost connection, deadlock, serialization failure
+    botocore.exceptions.ConnectionError,
+    elastic_transport.ConnectionError,
+    elastic_transport.ConnectionTimeout,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+# Elasticsearch answers these while overloaded or starting.
+TRANSIENT_HTTP_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when `exc` says a sink is unreachable or overloaded, not that the data is bad."""
+    if isinstance(exc, TRANSIENT_TYPES):
+        return True
+    return isinstance(exc, ApiError) and exc.meta.status in TRANSIENT_HTTP_STATUSES
