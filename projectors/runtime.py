@@ -70,6 +70,7 @@ class ConsumerRuntime:
         self.group_id = group_id or f"{settings.topic_prefix}.{projector.name}"
         self.topics = [f"{settings.topic_prefix}.{t}" for t in projector.aggregate_types]
         self.last_applied_at: float | None = None
+        self.sink_unavailable_since: float | None = None
         self._revoked = False
         self._dlq_errors: list[str] = []
         self._consumer = Consumer({
@@ -85,9 +86,11 @@ class ConsumerRuntime:
         self._topic_admin = TopicManager(settings)
 
     def health(self) -> dict[str, object]:
-        """Liveness report for `/healthz`."""
-        return {"status": "ok", "projector": self.projector.name, "group": self.group_id,
-                "last_applied_at": self.last_applied_at}
+        """Report for `/healthz`: `sink_unavailable` (HTTP 503) while an outage is waited out."""
+        return {"status": "ok" if self.sink_unavailable_since is None else "sink_unavailable",
+                "projector": self.projector.name, "group": self.group_id,
+                "last_applied_at": self.last_applied_at,
+                "sink_unavailable_since": self.sink_unavailable_since}
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._revoked = True
@@ -170,9 +173,12 @@ class ConsumerRuntime:
         while True:
             try:
                 self.projector.apply(events)
+                self.sink_unavailable_since = None
                 return True
             except Exception as exc:  # the sink decides what is retriable by raising
                 transient = is_transient(exc)
+                if transient:
+                    self.sink_unavailable_since = self.sink_unavailable_since or time.time()
                 if not transient:
                     failures += 1
                     if failures > self.settings.projector_max_retries:

@@ -82,6 +82,7 @@ class BatchPublisher:
         self._stop_requested = stop_requested
         self._errors: list[str] = []
         self._pending = 0
+        self._acks_awaited_since: float | None = None
 
     def _on_delivery(self, err: KafkaError | None, msg: Any, commit_time: float | None) -> None:
         self._pending -= 1
@@ -126,12 +127,23 @@ class BatchPublisher:
 
     def _wait_for_acks(self, grace_s: float) -> None:
         stop_deadline: float | None = None
-        while self._pending > 0:
-            self._producer.flush(0.5)
-            if self._stop_requested():
-                stop_deadline = stop_deadline or time.monotonic() + grace_s
-                if time.monotonic() > stop_deadline:
-                    raise PublishError(f"stopping with {self._pending} messages unacknowledged")
+        self._acks_awaited_since = time.monotonic()
+        try:
+            while self._pending > 0:
+                self._producer.flush(0.5)
+                if self._stop_requested():
+                    stop_deadline = stop_deadline or time.monotonic() + grace_s
+                    if time.monotonic() > stop_deadline:
+                        raise PublishError(
+                            f"stopping with {self._pending} messages unacknowledged")
+        finally:
+            self._acks_awaited_since = None
+
+    def seconds_awaiting_acks(self) -> float:
+        """How long the batch in hand has waited for the broker (0 when none waits); the
+        producer itself retries until `message.timeout.ms`, so an outage shows here first."""
+        since = self._acks_awaited_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush what is left and release the producer."""

@@ -24,6 +24,9 @@ from relays.publisher import BatchPublisher, PublishError
 log = structlog.get_logger(__name__)
 
 MODES = ("logical", "poll")
+# A batch waiting longer than this for acknowledgements means the broker is not taking
+# writes (a healthy broker acknowledges a full batch within a few seconds).
+ACK_STALL_S = 15.0
 
 
 class Relay(Protocol):
@@ -81,13 +84,22 @@ class RelayProcess:
         self.dsn = libpq_dsn(settings)
         self.leader = False
         self.last_batch_at: float | None = None
+        self.failing_since: float | None = None  # first of the current run of errors
+        self.last_error: str | None = None
+        self._publisher: BatchPublisher | None = None
         self._observe_latency = observe_latency
 
     def health(self) -> dict[str, object]:
-        """Healthy as leader or standby; the report says which."""
-        return {"status": "ok", "mode": self.mode,
-                "role": "leader" if self.leader else "standby",
-                "last_batch_at": self.last_batch_at}
+        """Healthy as leader or standby (the report says which); `failing` (HTTP 503) while
+        every attempt to publish fails or a batch waits for acknowledgements that do not
+        come, e.g. during a broker outage."""
+        publisher = self._publisher
+        stalled = publisher is not None and publisher.seconds_awaiting_acks() > ACK_STALL_S
+        failing = self.failing_since is not None or stalled
+        return {"status": "failing" if failing else "ok",
+                "mode": self.mode, "role": "leader" if self.leader else "standby",
+                "last_batch_at": self.last_batch_at, "failing_since": self.failing_since,
+                "last_error": self.last_error}
 
     def _make_relay(self, publisher: BatchPublisher) -> Relay:
         cls = LogicalRelay if self.mode == "logical" else PollRelay
@@ -105,6 +117,7 @@ class RelayProcess:
             IS_LEADER.set(1)
             publisher = BatchPublisher(self.settings, stop_requested=self.stop.is_set,
                                        observe_latency=self._observe_latency)
+            self._publisher = publisher
             relay = self._make_relay(publisher)
             waker = Waker(self.dsn, self.settings.db_schema)
             try:
@@ -113,6 +126,7 @@ class RelayProcess:
                 relay.close()
                 waker.close()
                 publisher.close()
+                self._publisher = None
                 lock.release()
                 self.leader = False
                 IS_LEADER.set(0)
@@ -137,6 +151,7 @@ class RelayProcess:
                     log.info("relay_started", mode=self.mode, schema=self.settings.db_schema)
                 count = relay.run_once()
                 backoff = 0.0
+                self.failing_since = self.last_error = None
                 if count:
                     self.last_batch_at = time.time()
                     EVENTS_PUBLISHED.labels(self.mode).inc(count)
@@ -148,6 +163,8 @@ class RelayProcess:
                 waker.wait(self.settings.relay_poll_interval_s)
             except (PublishError, KafkaException, psycopg.Error, OSError) as exc:
                 PUBLISH_ERRORS.labels(self.mode).inc()
+                self.failing_since = self.failing_since or time.time()
+                self.last_error = str(exc)[:300]
                 if isinstance(exc, psycopg.Error):
                     ready = False
                 backoff = min(max(backoff * 2, 0.5), 10.0)

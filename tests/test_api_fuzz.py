@@ -23,7 +23,6 @@ FUZZ_EXAMPLES = int(os.environ.get("OUTBOX_FUZZ_EXAMPLES", "40"))
 RUN = uuid.uuid4().hex[:8]
 CONFIG = Settings(db_schema=f"fuzz_{RUN}", es_index=f"fuzz{RUN}-images",
                   api_keys=SecretStr(API_KEYS))
-migrate(CONFIG)
 APP = create_app(CONFIG)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
@@ -32,6 +31,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 def _fuzz_resources() -> Iterator[None]:
     # The search view exists, so search requests reach the query code rather than the
     # documented 503 of an unbuilt view.
+    migrate(CONFIG)
     es = Elasticsearch(CONFIG.es_url)
     ensure_index(es, CONFIG)
     yield

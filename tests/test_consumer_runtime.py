@@ -146,10 +146,12 @@ def test_sink_outage_is_waited_out_not_dead_lettered(runtime_settings, own_redis
     wait_for(lambda: projector.calls > runtime_settings.projector_max_retries + 3,
              timeout_s=60, what="retries during the outage")
     assert _committed(runtime_settings, rt.group_id, topic) == 0
+    assert rt.health()["status"] == "sink_unavailable"
     own_redis.start()
     client = redis.Redis(port=own_redis.port)
     wait_for(lambda: client.exists(*[f"thing:{n}" for n in names]) == 10, timeout_s=60,
              what="applied after the outage")
+    assert rt.health()["status"] == "ok"
     wait_for(lambda: _committed(runtime_settings, rt.group_id, topic) == 10, timeout_s=30,
              what="offsets committed")
     rt.stop.set()

@@ -3,14 +3,11 @@ timing makes rare: a metadata edit while OCR runs."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
-from outbox.envelope import EventEnvelope
-from outbox.models import outbox_table
 from outbox.sample_images import text_image
 from outbox.storage import s3_client
 from projectors.ocr import OcrWorker
 from tests.auth import AUTH_A
+from tests.events import latest_event
 from tests.images import upload
 
 
@@ -25,16 +22,6 @@ class EditingDuringOcrWorker(OcrWorker):
         result = super()._recognize(image)
         self._edit()
         return result
-
-
-def _latest_event(engine, image_id: str) -> EventEnvelope:
-    with engine.connect() as conn:
-        row = conn.execute(select(outbox_table).where(outbox_table.c.aggregate_id == image_id)
-                           .order_by(outbox_table.c.seq.desc()).limit(1)).mappings().one()
-    return EventEnvelope(id=row["id"], type=row["type"], aggregate_type=row["aggregate_type"],
-                         aggregate_id=row["aggregate_id"],
-                         aggregate_version=row["aggregate_version"], org_id=row["org_id"],
-                         occurred_at=row["created_at"], payload=row["payload"])
 
 
 def test_metadata_edit_during_ocr_keeps_the_result(api, api_settings, engine):
@@ -53,7 +40,7 @@ def test_metadata_edit_during_ocr_keeps_the_result(api, api_settings, engine):
         assert r.status_code == 200 and r.json()["state"] == "ocr_running", r.text
 
     worker = EditingDuringOcrWorker(api_settings, engine, s3_client(api_settings), edit=edit)
-    worker.apply([_latest_event(engine, image_id)])
+    worker.apply([latest_event(engine, image_id)])
     got = api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()
     assert got["state"] == "embedding_pending"
     assert got["metadata"]["title"] == "edited while OCR ran"

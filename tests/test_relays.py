@@ -12,6 +12,7 @@ from sqlalchemy import text
 from outbox import emit
 from outbox.db import libpq_dsn
 from relays.logical import slot_name
+from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
     LoadResult,
     RelayProc,
@@ -131,6 +132,8 @@ def test_broker_outage_relay_waits_and_catches_up(relay_settings, engine, relays
         time.sleep(4.0)  # relay retries meanwhile; heartbeats must not move past the backlog
         assert confirmed() == held
         assert relay.proc.poll() is None
+        wait_for(lambda: relay.health()["status"] == "failing", timeout_s=40,
+                 what="health reports the outage")
     finally:
         stack("start-broker")
     expect = before.committed | during.committed
