@@ -43,6 +43,11 @@ class EventEnvelope(BaseModel):
         return cls.model_validate_json(raw)
 
 
+def dlq_topic(topic: str, consumer: str) -> str:
+    """The dead-letter topic of `consumer` (a projector, or `relay`) for `topic`."""
+    return f"{topic}.dlq.{consumer}"
+
+
 def envelope_json_schema() -> dict[str, Any]:
     """The JSON schema of the envelope, as published in `outbox/schemas/`."""
     schema = EventEnvelope.model_json_schema(by_alias=True)

@@ -30,7 +30,7 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
-from outbox.envelope import EventEnvelope
+from outbox.envelope import EventEnvelope, dlq_topic
 from outbox.settings import Settings
 from projectors.metrics import APPLIED, BATCH_SECONDS, DEAD_LETTERS, LAG_SECONDS, RETRIES
 from projectors.transient_errors import is_transient
@@ -52,11 +52,6 @@ class Projector(Protocol):
     def close(self) -> None:
         """Release clients."""
         ...
-
-
-def dlq_topic(topic: str, projector: str) -> str:
-    """The dead-letter topic of `projector` for messages from `topic`."""
-    return f"{topic}.dlq.{projector}"
 
 
 class ConsumerRuntime:

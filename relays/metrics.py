@@ -5,6 +5,8 @@ from prometheus_client import Counter, Gauge, Histogram
 EVENTS_PUBLISHED = Counter("outbox_relay_events_published_total", "events acknowledged by Kafka",
                            ["mode"])
 BATCHES = Counter("outbox_relay_batches_total", "batches published", ["mode"])
+DEAD_LETTERS = Counter("outbox_relay_dead_letters_total",
+                       "rows the broker cannot take, sent to `<topic>.dlq.relay`", ["mode"])
 PUBLISH_ERRORS = Counter("outbox_relay_publish_errors_total", "batches that failed", ["mode"])
 PUBLISH_LATENCY = Histogram(
     "outbox_relay_publish_latency_seconds",

@@ -11,6 +11,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from outbox.envelope import dlq_topic
 from outbox.settings import Settings
 from relays.metrics import PUBLISH_LATENCY
 from relays.record import OutboxRecord
@@ -74,12 +75,14 @@ class BatchPublisher:
         *,
         stop_requested: Callable[[], bool],
         observe_latency: Callable[[float], None] = PUBLISH_LATENCY.observe,
+        on_dead_letter: Callable[[], None] = lambda: None,
     ) -> None:
         self._prefix = settings.topic_prefix
         self._observe_latency = observe_latency
         self._producer = Producer(producer_config(settings))
         self._topics = TopicManager(settings)
         self._stop_requested = stop_requested
+        self._on_dead_letter = on_dead_letter
         self._errors: list[str] = []
         self._pending = 0
         self._acks_awaited_since: float | None = None
@@ -102,20 +105,13 @@ class BatchPublisher:
         for rec in records:
             topic = rec.topic(self._prefix)
             self._topics.ensure(topic)
-            ct = rec.commit_time
-            while True:
-                try:
-                    self._producer.produce(
-                        topic,
-                        key=rec.aggregate_id.encode(),
-                        value=rec.value(),
-                        headers=rec.kafka_headers(),
-                        on_delivery=lambda err, msg, ct=ct: self._on_delivery(err, msg, ct),
-                    )
-                    break
-                except BufferError:  # local queue full: bounded memory, wait for acks
-                    self._producer.poll(0.05)
-            self._pending += 1
+            try:
+                self._produce(topic, rec, rec.kafka_headers())
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise
+                # It can never be sent: park it where it is visible, and go on.
+                self._dead_letter(topic, rec, f"too large for the broker: {exc.args[0].str()}")
             count += 1
             if count % 1000 == 0:  # serve delivery callbacks now and then, not per message
                 self._producer.poll(0)
@@ -124,6 +120,31 @@ class BatchPublisher:
             first = self._errors[0]
             raise PublishError(f"{len(self._errors)} of {count} messages failed, first: {first}")
         return count
+
+    def _produce(self, topic: str, rec: OutboxRecord, headers: list[tuple[str, bytes]]) -> None:
+        ct = rec.commit_time
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    key=rec.aggregate_id.encode(),
+                    value=rec.value(),
+                    headers=headers,
+                    on_delivery=lambda err, msg: self._on_delivery(err, msg, ct),
+                )
+                break
+            except BufferError:  # local queue full: bounded memory, wait for acks
+                self._producer.poll(0.05)
+        self._pending += 1
+
+    def _dead_letter(self, topic: str, rec: OutboxRecord, reason: str) -> None:
+        dead = dlq_topic(topic, "relay")
+        self._topics.ensure(dead)
+        headers = [("reason", reason.encode()), ("source_topic", topic.encode()),
+                   ("payload_omitted", b"true"), *rec.kafka_headers()]
+        self._produce(dead, rec.without_payload(), headers)
+        self._on_dead_letter()
+        log.error("row_dead_lettered", topic=dead, id=rec.id, reason=reason)
 
     def _wait_for_acks(self, grace_s: float) -> None:
         stop_deadline: float | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import orjson
@@ -55,6 +55,10 @@ class OutboxRecord:
         )
         # The payload is spliced in as the database's JSON text, never parsed and re-encoded.
         return b"".join((head[:-1], b',"payload":', self.payload_json.encode(), b"}"))
+
+    def without_payload(self) -> OutboxRecord:
+        """The same event with an empty payload: what a dead letter can still carry."""
+        return replace(self, payload_json="{}")
 
     def kafka_headers(self) -> list[tuple[str, bytes]]:
         """`id`, `type`, then the row's own headers (`traceparent` among them)."""

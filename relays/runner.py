@@ -17,7 +17,14 @@ from outbox.settings import Settings
 from relays.election import LeaderLock
 from relays.janitor import purge_outbox
 from relays.logical import LogicalRelay
-from relays.metrics import BATCHES, EVENTS_PUBLISHED, IS_LEADER, PUBLISH_ERRORS, PUBLISH_LATENCY
+from relays.metrics import (
+    BATCHES,
+    DEAD_LETTERS,
+    EVENTS_PUBLISHED,
+    IS_LEADER,
+    PUBLISH_ERRORS,
+    PUBLISH_LATENCY,
+)
 from relays.poll import PollRelay
 from relays.publisher import BatchPublisher, PublishError
 
@@ -115,8 +122,10 @@ class RelayProcess:
         while lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
             self.leader = True
             IS_LEADER.set(1)
-            publisher = BatchPublisher(self.settings, stop_requested=self.stop.is_set,
-                                       observe_latency=self._observe_latency)
+            publisher = BatchPublisher(
+                self.settings, stop_requested=self.stop.is_set,
+                observe_latency=self._observe_latency,
+                on_dead_letter=DEAD_LETTERS.labels(self.mode).inc)
             self._publisher = publisher
             relay = self._make_relay(publisher)
             waker = Waker(self.dsn, self.settings.db_schema)

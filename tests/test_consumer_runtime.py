@@ -15,8 +15,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
 
-from outbox.envelope import EventEnvelope
-from projectors.runtime import ConsumerRuntime, dlq_topic
+from outbox.envelope import EventEnvelope, dlq_topic
+from projectors.runtime import ConsumerRuntime
 from relays.publisher import TopicManager
 from tests.pipeline_harness import wait_for
 

@@ -18,11 +18,11 @@ from sqlalchemy import create_engine, func, select, text
 
 from outbox.api.app import create_app
 from outbox.db import libpq_dsn, make_engine
+from outbox.envelope import dlq_topic
 from outbox.migrate import migrate
 from outbox.models import outbox_table
 from outbox.sample_images import text_image
 from outbox.settings import Settings
-from projectors.runtime import dlq_topic
 from relays.logical import slot_name
 from tests.auth import API_KEYS, AUTH_A
 from tests.images import upload

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import psycopg
 import pytest
+from kafka import KafkaConsumer
 from sqlalchemy import text
 
 from outbox import emit
 from outbox.db import libpq_dsn
+from outbox.envelope import dlq_topic
 from relays.logical import slot_name
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
@@ -193,6 +196,30 @@ def test_leader_that_loses_its_lock_stays_in_the_election(mode, relay_settings, 
     leader, standby = sorted(roles, key=lambda p: roles[p] != "leader")
     leader.kill()
     standby.wait_role("leader", timeout_s=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_a_row_too_large_for_the_broker_is_dead_lettered(mode, relay_settings, engine, relays):
+    relay = relays(mode)
+    relay.wait_role("leader")
+    with engine.begin() as conn:
+        big = emit(conn, aggregate_type="counter", aggregate_id="big", type="t",
+                   payload={"blob": "x" * 1_200_000}, aggregate_version=1)
+    with engine.begin() as conn:
+        after = emit(conn, aggregate_type="counter", aggregate_id="after", type="t",
+                     payload={}, aggregate_version=1)
+    topic = _topic(relay_settings)
+    assert set(read_topic(relay_settings.kafka_bootstrap, topic, {str(after)}).ids) == \
+        {str(after)}
+    dlq = KafkaConsumer(dlq_topic(topic, "relay"),
+                        bootstrap_servers=relay_settings.kafka_bootstrap,
+                        auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    got = [(m.key, dict(m.headers), json.loads(m.value)) for m in dlq]
+    dlq.close()
+    assert [(k, h["id"], v["payload"]) for k, h, v in got] == [(b"big", str(big).encode(), {})]
+    assert got[0][1]["reason"].startswith(b"too large for the broker")
+    assert relay.proc.poll() is None
 
 
 @pytest.mark.slow
