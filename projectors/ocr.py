@@ -5,7 +5,7 @@ transition with its outbox event. It never writes a view."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import structlog
@@ -18,6 +18,7 @@ from outbox.image_store import ImageNotFound, load_image, transition
 from outbox.settings import Settings
 from projectors.ocr_engine import OcrResult, engine_version, recognize
 from projectors.result_cache import cached_result, store_result
+from projectors.runtime import BatchInterrupted
 from projectors.workers_common import claim_event, current_image
 
 log = structlog.get_logger(__name__)
@@ -30,14 +31,20 @@ class OcrWorker:
     name = "ocr"
     aggregate_types: Sequence[str] = ("image",)
 
-    def __init__(self, settings: Settings, engine: Engine, s3: BaseClient) -> None:
+    def __init__(self, settings: Settings, engine: Engine, s3: BaseClient,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
         self._settings = settings
         self._engine = engine
         self._s3 = s3
+        self._should_stop = should_stop
 
     def apply(self, events: list[EventEnvelope]) -> None:
-        """Run OCR for every event that finds its image waiting in `ocr_pending`."""
+        """Run OCR for every event that finds its image waiting in `ocr_pending`; on a stop
+        request, raise BatchInterrupted between images (each image's result is committed
+        on its own, so the rest of the batch is simply redelivered)."""
         for event in events:
+            if self._should_stop():
+                raise BatchInterrupted
             if event.payload.get("state") == S.OCR_PENDING:
                 self._process(event)
 

@@ -20,25 +20,26 @@ from projectors.search import SearchProjector
 from projectors.task_cache import TaskCache, TaskCacheProjector
 
 
-def _ocr(s: Settings) -> Projector:
-    return OcrWorker(s, make_engine(s), s3_client(s))
+def _ocr(s: Settings, stop: threading.Event) -> Projector:
+    # OCR takes about a second per image: it checks for a stop between images.
+    return OcrWorker(s, make_engine(s), s3_client(s), should_stop=stop.is_set)
 
 
-def _embed(s: Settings) -> Projector:
+def _embed(s: Settings, stop: threading.Event) -> Projector:
     return EmbeddingWorker(s, make_engine(s), get_embedder(s.embedding_model))
 
 
-def _search(s: Settings) -> Projector:
+def _search(s: Settings, stop: threading.Event) -> Projector:
     tasks = TaskCache(s, redis.Redis.from_url(s.redis_url))
     return SearchProjector(s, Elasticsearch(s.es_url), tasks)
 
 
-def _cache(s: Settings) -> Projector:
+def _cache(s: Settings, stop: threading.Event) -> Projector:
     client = redis.Redis.from_url(s.redis_url)
     return TaskCacheProjector(TaskCache(s, client), client)
 
 
-PROJECTORS: dict[str, Callable[[Settings], Projector]] = {
+PROJECTORS: dict[str, Callable[[Settings, threading.Event], Projector]] = {
     "ocr": _ocr, "embed": _embed, "search": _search, "cache": _cache,
 }
 
@@ -46,7 +47,9 @@ PROJECTORS: dict[str, Callable[[Settings], Projector]] = {
 def build_runtime(settings: Settings, name: str, *, group_id: str | None = None,
                   stop: threading.Event | None = None) -> ConsumerRuntime:
     """The consumer runtime of projector `name`."""
-    return ConsumerRuntime(settings, PROJECTORS[name](settings), group_id=group_id, stop=stop)
+    stop = stop or threading.Event()
+    return ConsumerRuntime(settings, PROJECTORS[name](settings, stop), group_id=group_id,
+                           stop=stop)
 
 
 def serve_projector(settings: Settings, name: str, host: str, port: int) -> int:

@@ -39,6 +39,11 @@ from relays.publisher import TopicManager, producer_config
 log = structlog.get_logger(__name__)
 
 
+class BatchInterrupted(Exception):
+    """Raised by a projector that stopped mid-batch on request: what it finished is
+    durable and idempotent, the rest is handed back uncommitted."""
+
+
 class Projector(Protocol):
     """What a projector provides to the runtime."""
 
@@ -170,6 +175,8 @@ class ConsumerRuntime:
                 self.projector.apply(events)
                 self.sink_unavailable_since = None
                 return True
+            except BatchInterrupted:
+                return False
             except Exception as exc:  # the sink decides what is retriable by raising
                 transient = is_transient(exc)
                 if transient:
@@ -191,6 +198,8 @@ class ConsumerRuntime:
         for msg, env in items:  # isolate the poison message(s); the rest are applied
             try:
                 self.projector.apply([env])
+            except BatchInterrupted:
+                return False
             except Exception as exc:
                 if is_transient(exc):  # the sink went away: not this message's fault
                     return False
