@@ -76,6 +76,9 @@ def test_exactly_the_committed_events_arrive_in_order(mode, relay_settings, engi
     for agg, versions in got.versions.items():
         assert versions == list(range(1, final[agg] + 1)), agg
     assert relay.terminate() == 0
+    # Read again once the relay is gone: nothing was sent twice later either.
+    again = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), load.committed)
+    assert again.duplicates == 0 and sum(again.ids.values()) == len(load.committed)
 
 
 @pytest.mark.slow
