@@ -54,6 +54,15 @@ TRANSITIONS: dict[tuple[ImageState, ImageState], str] = {
 
 CREATED_EVENT = "image.requested"
 
+# Waiting states whose work the reconciler asks for again once overdue (the event that
+# asked for it was dead-lettered, or its worker was down): same state, new version, new
+# deadline, and this event. Workers act only on an image's current version, so the older
+# request, if it still arrives, does nothing.
+REQUEUE_EVENTS: dict[ImageState, str] = {
+    S.OCR_PENDING: "image.ocr_requeued",
+    S.EMBEDDING_PENDING: "image.embedding_requeued",
+}
+
 
 def deadline_seconds(state: ImageState, settings: Settings) -> int | None:
     """Seconds a resource may stay in `state` before the reconciler acts; None: no deadline."""

@@ -15,7 +15,13 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, RowMapping
 
 from outbox.emit import emit
-from outbox.image_policy import CREATED_EVENT, TRANSITIONS, ImageState, deadline_seconds
+from outbox.image_policy import (
+    CREATED_EVENT,
+    REQUEUE_EVENTS,
+    TRANSITIONS,
+    ImageState,
+    deadline_seconds,
+)
 from outbox.models import image_table
 from outbox.settings import Settings
 
@@ -171,13 +177,27 @@ def transition(
     event_type = TRANSITIONS.get((source, to))
     if event_type is None:
         raise IllegalTransition(f"an image cannot go from {source} to {to}")
-    values: dict[str, Any] = {
-        **(changes or {}),
-        "version": current["version"] + 1,
-        "updated_at": func.now(),
-    }
+    values: dict[str, Any] = {**(changes or {})}
     if to is not source:
         values.update(state=to, state_entered_at=func.now(), deadline_at=_deadline(to, settings))
+    return _guarded_update(conn, current, values, event_type)
+
+
+def requeue(conn: Connection, current: Mapping[str, Any], settings: Settings) -> RowMapping:
+    """Ask again for the work an overdue waiting state waits for (see REQUEUE_EVENTS):
+    a new version and deadline, and the state's requeue event. Raises like `transition`."""
+    source = ImageState(current["state"])
+    event_type = REQUEUE_EVENTS.get(source)
+    if event_type is None:
+        raise IllegalTransition(f"an image in {source} cannot be requeued")
+    return _guarded_update(conn, current, {"deadline_at": _deadline(source, settings)},
+                           event_type)
+
+
+def _guarded_update(conn: Connection, current: Mapping[str, Any], values: dict[str, Any],
+                    event_type: str) -> RowMapping:
+    source = ImageState(current["state"])
+    values = {**values, "version": current["version"] + 1, "updated_at": func.now()}
     stmt = (
         update(image_table)
         .where(

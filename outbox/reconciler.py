@@ -8,9 +8,11 @@ image in its own transaction with the same guarded transitions as everything els
 - `uploaded` without metadata: `abandoned`, and its object deleted.
 - `ocr_running` (a worker died mid-attempt): back to `ocr_pending` for another attempt, or
   `ocr_failed` once the attempts are spent.
+- `ocr_pending`, `embedding_pending` (the request was dead-lettered, or the worker is down
+  or far behind): requeued, a new version with a new deadline and event, so at most once
+  per deadline period; the worker acts on the newest version only.
 
-Overdue images in the other waiting states have their event in the log already; they are
-counted (`outbox_reconciler_overdue`) for alerting, not touched.
+Overdue images are also counted (`outbox_reconciler_overdue`) for alerting.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from prometheus_client import Gauge
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
-from outbox.image_policy import ImageState
-from outbox.image_store import transition
+from outbox.image_policy import REQUEUE_EVENTS, ImageState
+from outbox.image_store import requeue, transition
 from outbox.models import image_table
 from outbox.settings import Settings
 from outbox.upload_lifecycle import settle_upload
@@ -37,11 +39,11 @@ from outbox.upload_verification import UploadMissing
 
 log = structlog.get_logger(__name__)
 S = ImageState
-REPAIRABLE = (S.REQUESTED, S.UPLOADED, S.OCR_RUNNING)
+REPAIRABLE = (S.REQUESTED, S.UPLOADED, S.OCR_RUNNING, *REQUEUE_EVENTS)
 
 REPAIRS = PromCounter("outbox_reconciler_repairs_total", "images repaired",
                       ["from_state", "to_state"])
-OVERDUE = Gauge("outbox_reconciler_overdue", "overdue images left to their workers", ["state"])
+OVERDUE = Gauge("outbox_reconciler_overdue", "images past their state's deadline", ["state"])
 
 
 class Reconciler:
@@ -55,10 +57,12 @@ class Reconciler:
         self._batch = batch
         self.stop = threading.Event()
         self.last_run_at: float | None = None
+        self.last_error: str | None = None
 
     def health(self) -> dict[str, object]:
-        """Liveness report for `/healthz`."""
-        return {"status": "ok", "last_run_at": self.last_run_at}
+        """Report for `/healthz`: `failing` (HTTP 503) while the last round failed."""
+        return {"status": "ok" if self.last_error is None else "failing",
+                "last_run_at": self.last_run_at, "last_error": self.last_error}
 
     def run_once(self) -> Counter[str]:
         """Repair what is due now; return how many images went to each state."""
@@ -68,12 +72,10 @@ class Reconciler:
                 select(t.id).where(t.deadline_at < func.now(), t.state.in_(REPAIRABLE))
                 .order_by(t.deadline_at).limit(self._batch)).scalars().all()
             overdue = dict(conn.execute(
-                select(t.state, func.count()).where(t.deadline_at < func.now(),
-                                                    t.state.not_in(REPAIRABLE))
+                select(t.state, func.count()).where(t.deadline_at < func.now())
                 .group_by(t.state)).all())
         for state in S:
-            if state not in REPAIRABLE:
-                OVERDUE.labels(state.value).set(overdue.get(state.value, 0))
+            OVERDUE.labels(state.value).set(overdue.get(state.value, 0))
         outcome: Counter[str] = Counter()
         for image_id in due:
             result = self._repair_one(image_id)
@@ -108,6 +110,8 @@ class Reconciler:
             self._delete_object(row["object_key"])
             return transition(conn, row, S.ABANDONED, settings,
                               {"last_error": "no metadata before the deadline"})
+        if state in REQUEUE_EVENTS:
+            return requeue(conn, row, settings)
         spent = row["attempts"] >= settings.max_attempts
         return transition(conn, row, S.OCR_FAILED if spent else S.OCR_PENDING, settings,
                           {"last_error": "OCR attempt timed out"})
@@ -124,10 +128,12 @@ class Reconciler:
         while not self.stop.is_set():
             try:
                 done = self.run_once()
+                self.last_error = None
                 if done:
                     log.info("reconciled", **done)
             except Exception as exc:  # a database or S3 hiccup: the next round retries
-                log.warning("reconcile_failed", error=str(exc)[:300])
+                self.last_error = str(exc)[:300]
+                log.warning("reconcile_failed", error=self.last_error)
             self.last_run_at = time.time()
             self.stop.wait(interval_s)
         return 0

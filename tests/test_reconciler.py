@@ -1,5 +1,6 @@
-"""The reconciler repairs overdue images: lost confirmations, never-uploaded, abandoned and
-stuck OCR attempts, each through a guarded transition with its event."""
+"""The reconciler repairs overdue images: lost confirmations, never-uploaded, abandoned,
+stuck OCR attempts and requests that never reached their worker, each through a guarded
+update with its event."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from sqlalchemy import select, text
 from outbox.image_store import transition
 from outbox.models import outbox_table
 from outbox.reconciler import Reconciler
+from outbox.sample_images import text_image
 from outbox.storage import s3_client
+from projectors.ocr import OcrWorker
 from tests.auth import AUTH_A
+from tests.events import events_of
 from tests.images import png_bytes, upload
 
 
@@ -97,3 +101,23 @@ def test_stuck_ocr_attempt_is_retried_or_failed(api, engine, reconciler, api_set
     assert reconciler.run_once() == {expected: 1}
     doc = _state(api, created["id"])
     assert doc["state"] == expected and doc["last_error"] == "OCR attempt timed out"
+
+
+def test_overdue_ocr_request_is_requeued_and_only_the_new_one_acts(api, engine, reconciler,
+                                                                    api_settings):
+    body = text_image(["Requeued 88"])
+    created = _create(api, body, metadata={"title": "dead-lettered request"})
+    upload(created, body)
+    api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A)
+    _overdue(engine, created["id"])
+    assert reconciler.run_once() == {"ocr_pending": 1}
+    assert reconciler.run_once() == {}  # the new deadline is ahead
+    older, newer = events_of(engine, created["id"])[-2:]
+    assert (older.type, newer.type) == ("image.ocr_requested", "image.ocr_requeued")
+    assert newer.aggregate_version == older.aggregate_version + 1
+    worker = OcrWorker(api_settings, engine, s3_client(api_settings))
+    worker.apply([older])  # the original request, arriving late: stale, nothing happens
+    assert _state(api, created["id"])["state"] == "ocr_pending"
+    worker.apply([newer])
+    doc = _state(api, created["id"])
+    assert doc["state"] == "embedding_pending" and "88" in doc["ocr"]["text"]
