@@ -47,6 +47,8 @@ TRANSITIONS: dict[tuple[ImageState, ImageState], str] = {
     (S.OCR_RUNNING, S.OCR_FAILED): "image.ocr_failed",
     (S.OCR_DONE, S.EMBEDDING_PENDING): "image.embedding_requested",
     (S.EMBEDDING_PENDING, S.EMBEDDED): "image.embedded",
+    # A metadata edit after embedding asks for a vector of the new text.
+    (S.EMBEDDED, S.EMBEDDING_PENDING): "image.embedding_requested",
     (S.EMBEDDING_PENDING, S.EMBEDDING_FAILED): "image.embedding_failed",
     **{(s, s): "image.metadata_updated" for s in METADATA_EDITABLE},
     **{(s, S.DELETED): "image.deleted" for s in S if s is not S.DELETED},

@@ -240,3 +240,24 @@ def _snapshot_or_none(cfg, ids):
         return _snapshot(cfg, ids)
     except Exception:
         return None
+
+
+def _vector(cfg, image_id: str) -> list[float]:
+    engine = make_engine(cfg)
+    with engine.connect() as conn:
+        embedding = conn.execute(text("select embedding from image where id = :id"),
+                                 {"id": image_id}).scalar_one()
+    engine.dispose()
+    return embedding["vector"]
+
+
+def test_metadata_edit_after_embedding_refreshes_the_vector(cfg, pipeline, api, searchable_pair):
+    en, _ = searchable_pair
+    version, vector = image(api, en)["version"], _vector(cfg, en)
+    r = api.put(f"/v1/images/{en}/metadata", headers=AUTH_A,
+                json={"title": "lighthouse postcard from the coast"})
+    assert r.status_code == 200 and r.json()["state"] == "embedding_pending", r.text
+    doc = wait_for(lambda: (d := image(api, en))["searchable"] and d, what="searchable again")
+    assert doc["state"] == "embedded" and doc["version"] == version + 3
+    assert _vector(cfg, en) != vector
+    assert search(api, "lighthouse", "text")[0] == en

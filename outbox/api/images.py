@@ -141,7 +141,9 @@ def image_router(ctx: ApiContext) -> APIRouter:
         if_match: Annotated[str | None, Header()] = None,
     ) -> ImageView:
         """Set the metadata, before or after the upload; with both present the image moves
-        to `ocr_pending` in the same transaction. `If-Match: <version>` guards the write."""
+        to `ocr_pending` in the same transaction, and an embedded image goes back to
+        `embedding_pending` for a vector of the new text. `If-Match: <version>` guards the
+        write."""
         expected = _if_match(if_match)
         with engine.begin() as conn:
             row = load_image(conn, org, image_id)
@@ -150,6 +152,8 @@ def image_router(ctx: ApiContext) -> APIRouter:
                              {"metadata": body.model_dump(exclude_none=True)})
             if row["state"] == ImageState.UPLOADED:
                 row = transition(conn, row, ImageState.OCR_PENDING, settings)
+            elif row["state"] == ImageState.EMBEDDED:
+                row = transition(conn, row, ImageState.EMBEDDING_PENDING, settings)
         return _view(row)
 
     @router.get("/{image_id}", response_model=ImageView)
