@@ -72,6 +72,7 @@ class ConsumerRuntime:
         self.last_applied_at: float | None = None
         self.sink_unavailable_since: float | None = None
         self._revoked = False
+        self._assigned = 0
         self._dlq_errors: list[str] = []
         self._consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -90,13 +91,16 @@ class ConsumerRuntime:
         return {"status": "ok" if self.sink_unavailable_since is None else "sink_unavailable",
                 "projector": self.projector.name, "group": self.group_id,
                 "last_applied_at": self.last_applied_at,
+                "assigned_partitions": self._assigned,
                 "sink_unavailable_since": self.sink_unavailable_since}
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._revoked = True
+        self._assigned = 0
         log.info("partitions_revoked", partitions=[(p.topic, p.partition) for p in partitions])
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned = len(partitions)  # eager assignment: the whole set each time
         log.info("partitions_assigned", partitions=[(p.topic, p.partition) for p in partitions])
 
     def run(self) -> None:
@@ -119,6 +123,7 @@ class ConsumerRuntime:
 
     def _handle(self, msgs: list[Message]) -> None:
         self._revoked = False
+        self._assigned = 0
         self._dlq_errors.clear()
         items: list[tuple[Message, EventEnvelope]] = []
         for msg in msgs:

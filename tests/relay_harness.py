@@ -156,7 +156,7 @@ class RelayProc:
     def __init__(self, settings: Settings, mode: str, log_path: Path, **extra_env: str):
         env = {**os.environ, **settings_env(settings), **extra_env}
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "outbox.cli", "relay", "--mode", mode, "--log-level",
              extra_env.get("OUTBOX_LOG_LEVEL", "INFO"),
@@ -210,7 +210,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket
 
     with socket.socket() as s:
