@@ -123,7 +123,6 @@ class ConsumerRuntime:
 
     def _handle(self, msgs: list[Message]) -> None:
         self._revoked = False
-        self._assigned = 0
         self._dlq_errors.clear()
         items: list[tuple[Message, EventEnvelope]] = []
         for msg in msgs:
@@ -186,7 +185,7 @@ class ConsumerRuntime:
                 transient = is_transient(exc)
                 if transient:
                     self.sink_unavailable_since = self.sink_unavailable_since or time.time()
-                if not transient:
+                else:
                     failures += 1
                     if failures > self.settings.projector_max_retries:
                         log.error("batch_failed", projector=self.projector.name,

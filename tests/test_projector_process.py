@@ -98,6 +98,8 @@ def test_a_rebalance_loses_nothing(settings):
     wait_for(lambda: _committed(small, first.group_id, topic) == len(ids), timeout_s=60,
              what="everything committed")
     assert _cached(small, ids) == len(ids)
+    wait_for(lambda: second.health()["assigned_partitions"] == small.topic_partitions,
+             timeout_s=60, what="the remaining consumer owns every partition")
     second.stop.set()
     threads[1].join(30)
 
