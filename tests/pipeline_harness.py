@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from outbox.settings import Settings
@@ -20,6 +21,15 @@ PROJECTOR_NAMES = ("ocr", "embed", "search", "cache")
 def metric(name: str, **labels: str) -> float:
     """A counter's current value in this process (0 when never incremented)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def committed_offsets(settings: Settings, group: str, topic: str) -> int:
+    """The sum over `topic`'s partitions of `group`'s committed offsets (0 where none)."""
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    got = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+    c.close()
+    return sum(max(tp.offset, 0) for tp in got)
 
 
 @dataclass

@@ -164,10 +164,7 @@ class RelayProc:
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def health(self) -> dict | None:
-        try:
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).json()
-        except requests.RequestException:
-            return None
+        return health_of(self.port)
 
     def metrics(self) -> str:
         return requests.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
@@ -208,6 +205,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "OUTBOX_RELAY_HEARTBEAT_S": str(settings.relay_heartbeat_s),
         "OUTBOX_API_KEYS": settings.api_keys.get_secret_value(),
     }
+
+
+def health_of(port: int) -> dict | None:
+    """The `/healthz` report of a process on 127.0.0.1:port (None while it does not answer)."""
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()
+    except requests.RequestException:
+        return None
 
 
 def free_port() -> int:

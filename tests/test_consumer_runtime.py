@@ -11,14 +11,14 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
 
 from outbox.envelope import EventEnvelope, dlq_topic
 from projectors.runtime import ConsumerRuntime
 from relays.publisher import TopicManager
-from tests.pipeline_harness import wait_for
+from tests.pipeline_harness import committed_offsets, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -66,14 +66,6 @@ def _run(settings, projector, produce: list[str]):
     t = threading.Thread(target=rt.run, daemon=True)
     t.start()
     return rt, t, topic
-
-
-def _committed(settings, group: str, topic: str) -> int:
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    got = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-    c.close()
-    return sum(max(tp.offset, 0) for tp in got)
 
 
 class RedisSinkProjector:
@@ -145,14 +137,14 @@ def test_sink_outage_is_waited_out_not_dead_lettered(runtime_settings, own_redis
     rt, t, topic = _run(runtime_settings, projector, names)
     wait_for(lambda: projector.calls > runtime_settings.projector_max_retries + 3,
              timeout_s=60, what="retries during the outage")
-    assert _committed(runtime_settings, rt.group_id, topic) == 0
+    assert committed_offsets(runtime_settings, rt.group_id, topic) == 0
     assert rt.health()["status"] == "sink_unavailable"
     own_redis.start()
     client = redis.Redis(port=own_redis.port)
     wait_for(lambda: client.exists(*[f"thing:{n}" for n in names]) == 10, timeout_s=60,
              what="applied after the outage")
     assert rt.health()["status"] == "ok"
-    wait_for(lambda: _committed(runtime_settings, rt.group_id, topic) == 10, timeout_s=30,
+    wait_for(lambda: committed_offsets(runtime_settings, rt.group_id, topic) == 10, timeout_s=30,
              what="offsets committed")
     rt.stop.set()
     t.join(30)
@@ -167,7 +159,7 @@ def test_stop_during_an_outage_hands_the_batch_back(runtime_settings, own_redis)
     rt.stop.set()
     t.join(30)
     assert not t.is_alive()
-    assert _committed(runtime_settings, rt.group_id, topic) == 0
+    assert committed_offsets(runtime_settings, rt.group_id, topic) == 0
     own_redis.start()
     again = RedisSinkProjector(own_redis.port)
     rt2 = ConsumerRuntime(runtime_settings, again)
@@ -176,7 +168,7 @@ def test_stop_during_an_outage_hands_the_batch_back(runtime_settings, own_redis)
     client = redis.Redis(port=own_redis.port)
     wait_for(lambda: client.exists(*[f"thing:{n}" for n in names]) == 5, timeout_s=60,
              what="applied by the next owner")
-    wait_for(lambda: _committed(runtime_settings, rt.group_id, topic) == 5, timeout_s=30,
+    wait_for(lambda: committed_offsets(runtime_settings, rt.group_id, topic) == 5, timeout_s=30,
              what="offsets committed")
     rt2.stop.set()
     t2.join(30)
@@ -188,7 +180,7 @@ def test_a_message_that_keeps_failing_is_dead_lettered_and_the_rest_applied(runt
     rt, t, topic = _run(runtime_settings, projector, names)
     wait_for(lambda: sorted(projector.applied) == ["g1", "g2", "g3"], timeout_s=60,
              what="good ones applied")
-    wait_for(lambda: _committed(runtime_settings, rt.group_id, topic) == 4, timeout_s=30,
+    wait_for(lambda: committed_offsets(runtime_settings, rt.group_id, topic) == 4, timeout_s=30,
              what="offsets committed")
     rt.stop.set()
     t.join(30)
