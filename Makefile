@@ -63,5 +63,6 @@ bench-embeddings: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[stack,dev,embedding-compare]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.embeddings
 
-clean: down
-	rm -rf .outbox $(VENV)
+clean:
+	@infra/stack.sh clean
+	rm -rf $(VENV)

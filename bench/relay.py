@@ -25,14 +25,17 @@ from pathlib import Path
 import psycopg
 import requests
 from confluent_kafka import Producer
+from psycopg.rows import dict_row
 
 from outbox.db import libpq_dsn
+from outbox.kafka import TopicManager, producer_config
 from outbox.migrate import migrate
 from outbox.observability import configure_logging
+from outbox.pg_names import publication_name, slot_name
 from outbox.settings import Settings
-from relays.logical import LogicalRelay, slot_name
-from relays.publisher import BatchPublisher, TopicManager, producer_config
-from relays.record import RECORD_COLUMNS, record_from_row
+from relays.logical import LogicalRelay
+from relays.publisher import BatchPublisher
+from relays.record import SELECT_LIST, record_from_row
 from relays.runner import RelayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +147,8 @@ def drain(settings: Settings, mode: str, events: int) -> dict[str, float]:
 
 def raw_producer(settings: Settings, events: int) -> float:
     """The physical limit: the same messages, from memory, same producer settings."""
-    with psycopg.connect(libpq_dsn(settings)) as conn:
-        rows = conn.execute(f"select {RECORD_COLUMNS} from outbox order by seq limit %s",
+    with psycopg.connect(libpq_dsn(settings), row_factory=dict_row) as conn:
+        rows = conn.execute(f"select {SELECT_LIST} from outbox order by seq limit %s",
                             (events,)).fetchall()
     records = [record_from_row(r) for r in rows]
     topic = f"{settings.topic_prefix}.raw"
@@ -221,7 +224,7 @@ def _cleanup(s: Settings) -> None:
     with psycopg.connect(libpq_dsn(s), autocommit=True) as conn:
         conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
                      " where slot_name = %s", (slot_name(s.db_schema),))
-        conn.execute(f'drop publication if exists "outbox_{s.db_schema}_pub"')
+        conn.execute(f'drop publication if exists "{publication_name(s.db_schema)}"')
         conn.execute(f'drop schema "{s.db_schema}" cascade')
 
 

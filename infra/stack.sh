@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local stack without Docker: PostgreSQL, SeaweedFS (S3), Tansu (Kafka), noida-db
 # (Elasticsearch API) and Redis, each on 127.0.0.1, data and logs under .outbox/, a PID file
-# each.  Usage: infra/stack.sh up|down|status|restart-broker|stop-broker|start-broker
+# each.  Usage: infra/stack.sh up|down [service...] | clean|status|restart-broker|stop-broker|
+# start-broker
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,6 +11,17 @@ VENV="${OUTBOX_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 RUN="$STATE/run"
 LOGS="$STATE/logs"
+# The cluster runs as the `postgres` user when the stack is started as root (PostgreSQL
+# refuses to run as root), and that user may not traverse the clone's path (a home directory
+# of mode 0700). Its files then live under /var/lib/outbox-sidecar/, one directory per state
+# directory; `clean` removes it. Started by anyone else, it runs as them, inside $STATE.
+if [ -f "$STATE/pg/data/PG_VERSION" ]; then  # a cluster made before this layout existed
+    PG_DIR="${OUTBOX_PG_DIR:-$STATE/pg}"
+elif [ "$(id -u)" = 0 ]; then
+    PG_DIR="${OUTBOX_PG_DIR:-/var/lib/outbox-sidecar/$(printf '%s' "$STATE" | sha1sum | cut -c1-12)}"
+else
+    PG_DIR="${OUTBOX_PG_DIR:-$STATE/pg}"
+fi
 
 PG_PORT="${OUTBOX_PG_PORT:-15432}"
 REDIS_PORT="${OUTBOX_REDIS_PORT:-16379}"
@@ -80,13 +92,18 @@ pg_bin() {
 }
 
 start_postgres() {
-    local data="$STATE/pg/data" bin
+    local data="$PG_DIR/data" bin
     bin="$(pg_bin)"
     if running postgres; then return; fi
     port_free_or_die postgres "$PG_PORT"
-    mkdir -p "$STATE/pg/sock"
-    touch "$LOGS/postgres.log"
-    [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$STATE/pg" "$LOGS/postgres.log"
+    mkdir -p "$PG_DIR/sock"
+    touch "$PG_DIR/postgres.log"
+    if [ "$(id -u)" = 0 ]; then
+        chmod 0755 "$(dirname "$PG_DIR")"
+        chown -R postgres:postgres "$PG_DIR"
+        chmod 0700 "$PG_DIR"
+    fi
+    ln -sfn "$PG_DIR/postgres.log" "$LOGS/postgres.log"
     if [ ! -f "$data/PG_VERSION" ]; then
         log "postgres: initdb $data"
         as_pg_owner "$bin/initdb" -D "$data" -U postgres --auth-local=trust \
@@ -95,7 +112,7 @@ start_postgres() {
         cat >>"$data/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
-unix_socket_directories = '$STATE/pg/sock'
+unix_socket_directories = '$PG_DIR/sock'
 wal_level = logical
 max_replication_slots = 64
 max_wal_senders = 16
@@ -103,10 +120,10 @@ max_connections = 200
 shared_buffers = 256MB
 EOF
     fi
-    as_pg_owner "$bin/pg_ctl" -D "$data" -l "$LOGS/postgres.log" -w -t 60 start >/dev/null \
+    as_pg_owner "$bin/pg_ctl" -D "$data" -l "$PG_DIR/postgres.log" -w -t 60 start >/dev/null \
         || die "postgres did not start (log: $LOGS/postgres.log)"
     head -n1 "$data/postmaster.pid" >"$RUN/postgres.pid"
-    local psql=("$bin/psql" -h "$STATE/pg/sock" -p "$PG_PORT" -U postgres -d postgres -qAt)
+    local psql=("$bin/psql" -h "$PG_DIR/sock" -p "$PG_PORT" -U postgres -d postgres -qAt)
     if [ "$("${psql[@]}" -c "select 1 from pg_roles where rolname='$PG_USER'")" != 1 ]; then
         "${psql[@]}" -c "create role $PG_USER login replication createdb password '$PG_PASSWORD'"
     fi
@@ -214,7 +231,7 @@ stop_one() {  # name: SIGTERM by PID, then SIGKILL after a grace period
     pid="$(read_pid "$name")"
     if ! pid_alive "$pid"; then rm -f "$RUN/$name.pid"; return; fi
     if [ "$name" = postgres ]; then
-        as_pg_owner "$(pg_bin)/pg_ctl" -D "$STATE/pg/data" -m fast -w stop >/dev/null 2>&1 || true
+        as_pg_owner "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
     else
         kill -TERM "$pid" 2>/dev/null || true
     fi
@@ -242,21 +259,36 @@ rss_mb() {  # resident memory of a process and its children, in MB
 
 SERVICES=(postgres redis s3 kafka search)
 
-cmd_up() {
+selected() {  # the services named on the command line, or all of them, in start order
+    local name want
+    if [ $# = 0 ]; then printf '%s\n' "${SERVICES[@]}"; return; fi
+    for want in "$@"; do
+        [[ " ${SERVICES[*]} " == *" $want "* ]] || die "unknown service '$want' (${SERVICES[*]})"
+    done
+    for name in "${SERVICES[@]}"; do
+        for want in "$@"; do
+            if [ "$name" = "$want" ]; then echo "$name"; fi
+        done
+    done
+}
+
+cmd_up() {  # [service...]: all by default, in dependency order
     mkdir -p "$RUN" "$LOGS"
-    [ -x "$PY" ] || die "no virtualenv at $VENV (run: make bootstrap)"
-    local t0=$SECONDS
-    start_postgres
-    start_redis
-    start_s3
-    start_kafka   # after S3: the broker keeps its topics there
-    start_search
+    local t0=$SECONDS name names
+    names="$(selected "$@")"
+    for name in $names; do
+        # The broker keeps its topics in S3, and three services come from the virtualenv.
+        case "$name" in s3|kafka|search)
+            [ -x "$PY" ] || die "no virtualenv at $VENV (run: make bootstrap)" ;;
+        esac
+        "start_$name"
+    done
     write_env
     log "stack up in $((SECONDS - t0))s; environment in $STATE/env"
 }
 
-cmd_down() {
-    local i f pid
+cmd_down() {  # [service...]: all by default, in reverse order
+    local i f pid names
     # Demo children left behind (the demo stops them itself unless it was SIGKILLed).
     for f in "$RUN"/demo-*.pid; do
         [ -e "$f" ] || continue
@@ -268,7 +300,16 @@ cmd_down() {
         rm -f "$f"
     done
     # Reverse order: the broker stops before the object store it writes to.
-    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_one "${SERVICES[$i]}"; done
+    local list
+    list="$(selected "$@")"
+    mapfile -t names <<<"$list"
+    for ((i = ${#names[@]} - 1; i >= 0; i--)); do stop_one "${names[$i]}"; done
+}
+
+cmd_clean() {  # stop everything, then delete all data and logs (also the cluster's)
+    cmd_down
+    rm -rf "$PG_DIR" "$STATE"
+    log "removed $STATE and $PG_DIR"
 }
 
 cmd_status() {
@@ -285,12 +326,16 @@ cmd_status() {
     return $bad
 }
 
-case "${1:-}" in
-    up) cmd_up ;;
-    down) cmd_down ;;
+command="${1:-}"
+[ $# -gt 0 ] && shift
+case "$command" in
+    up) cmd_up "$@" ;;
+    down) cmd_down "$@" ;;
+    clean) cmd_clean ;;
     status) cmd_status ;;
     restart-broker) stop_one kafka; mkdir -p "$RUN" "$LOGS"; start_kafka ;;
     stop-broker) stop_one kafka ;;
     start-broker) mkdir -p "$RUN" "$LOGS"; start_kafka ;;
-    *) echo "usage: $0 up|down|status|restart-broker|stop-broker|start-broker" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down [service...] | clean|status|restart-broker|stop-broker|start-broker" >&2
+       exit 2 ;;
 esac

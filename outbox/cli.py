@@ -1,4 +1,9 @@
-"""The `outbox` command line: migrations, the API, relays, projectors and the demo."""
+"""The `outbox` command line.
+
+The core registers its own commands (config, migrate, schema); packages built on it add
+theirs through the entry-point group `outbox.commands` (a `register(subparsers)` function),
+so this module imports nothing above the core.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,17 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 
 from outbox.settings import get_settings
 
-# Defaults that let the four projectors run side by side on one host.
-PROJECTOR_METRICS_PORTS = {"ocr": 9465, "embed": 9466, "search": 9467, "cache": 9468}
-
 
 def _cmd_config(_: argparse.Namespace) -> int:
-    """Print where each service is, as this process sees the configuration."""
+    """Print where the database and Kafka are, as this process sees the configuration."""
     s = get_settings()
     rows = {
         "database": f"{s.database_url.split('@')[-1]} schema={s.db_schema}",
         "kafka": f"{s.kafka_bootstrap} topics={s.topic_prefix}.<aggregate_type>",
-        "s3": f"{s.s3_endpoint} bucket={s.s3_bucket}",
-        "search": f"{s.es_url} index={s.es_index}",
-        "redis": f"{s.redis_url} prefix={s.redis_prefix}",
     }
     for name, where in rows.items():
         print(f"{name:9} {where}")
@@ -29,70 +29,12 @@ def _cmd_config(_: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    """Apply the database migrations."""
+    """Apply the database migrations of the core and of every registered package."""
     from outbox.migrate import migrate
 
-    migrate(get_settings(), args.revision)
+    migrate(get_settings(), args.revision, only=args.history)
     print(f"database schema {get_settings().db_schema!r} at {args.revision}")
     return 0
-
-
-def _cmd_api(args: argparse.Namespace) -> int:
-    """Serve the HTTP API with uvicorn (SIGTERM: finish in-flight requests, then exit)."""
-    import uvicorn
-
-    from outbox.api.app import create_app
-    from outbox.observability import configure_logging
-
-    configure_logging("api", args.log_level)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None,
-                timeout_graceful_shutdown=10)
-    return 0
-
-
-def _cmd_relay(args: argparse.Namespace) -> int:
-    """Publish the outbox to Kafka until SIGTERM."""
-    from outbox.observability import configure_logging
-    from relays.runner import serve_relay
-
-    configure_logging(f"relay-{args.mode}", args.log_level)
-    return serve_relay(get_settings(), args.mode, args.metrics_host, args.metrics_port)
-
-
-def _cmd_project(args: argparse.Namespace) -> int:
-    """Run one projector until SIGTERM."""
-    from outbox.observability import configure_logging
-    from projectors.registry import serve_projector
-
-    configure_logging(f"projector-{args.name}", args.log_level)
-    port = PROJECTOR_METRICS_PORTS[args.name] if args.metrics_port is None else args.metrics_port
-    return serve_projector(get_settings(), args.name, args.metrics_host, port)
-
-
-def _cmd_reconcile(args: argparse.Namespace) -> int:
-    """Repair images whose state deadline passed, every --interval seconds."""
-    from outbox.db import make_engine
-    from outbox.observability import configure_logging, serve_until_stopped
-    from outbox.reconciler import Reconciler
-    from outbox.storage import s3_client
-
-    configure_logging("reconciler", args.log_level)
-    settings = get_settings()
-    rec = Reconciler(settings, make_engine(settings), s3_client(settings))
-    if args.once:
-        print(json.dumps(rec.run_once()))
-        return 0
-    return serve_until_stopped(rec.stop, rec.health, args.metrics_host, args.metrics_port,
-                               lambda: rec.run(args.interval))
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """Run the whole pipeline end to end on the local stack."""
-    from pathlib import Path
-
-    from outbox.demo import run_demo
-
-    return run_demo(get_settings(), Path(args.state_dir))
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -107,8 +49,10 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
-                       default_help: str = "") -> None:
+def service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
+                      default_help: str = "") -> None:
+    """The options every long-running process takes: where to serve /metrics and /healthz,
+    and the log level."""
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--metrics-port", type=int, default=metrics_port,
                    help=f"/metrics and /healthz (0: any free port; default: "
@@ -117,8 +61,8 @@ def _service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="outbox", description=__doc__)
+    """The argument parser with the core's subcommands and every registered one."""
+    parser = argparse.ArgumentParser(prog="outbox", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("config", help="show the service addresses this process would use")
@@ -126,41 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply the database migrations (Alembic)")
     p.add_argument("--revision", default="head", help="target revision (default: head)")
+    p.add_argument("--history", default=None,
+                   help="only this history (outbox, or a registered package's)")
     p.set_defaults(func=_cmd_migrate)
-
-    p = sub.add_parser("api", help="serve the example application's HTTP API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--log-level", default="INFO")
-    p.set_defaults(func=_cmd_api)
-
-    p = sub.add_parser("relay", help="publish the outbox to Kafka (one active per outbox)")
-    p.add_argument("--mode", choices=["logical", "poll"], default="logical",
-                   help="logical decoding (default) or polling for databases without it")
-    _service_arguments(p, metrics_port=9464)
-    p.set_defaults(func=_cmd_relay)
-
-    p = sub.add_parser("project", help="run one projector (a consumer group of its own)")
-    p.add_argument("name", choices=list(PROJECTOR_METRICS_PORTS),
-                   help="ocr/embed write results back through the outbox; search/cache are views")
-    _service_arguments(p, metrics_port=None,
-                       default_help=", ".join(f"{n} {port}" for n, port in
-                                              PROJECTOR_METRICS_PORTS.items()))
-    p.set_defaults(func=_cmd_project)
-
-    p = sub.add_parser("reconcile", help="repair stuck, orphaned and expired images")
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between rounds")
-    p.add_argument("--once", action="store_true", help="one round, print what was done")
-    _service_arguments(p, metrics_port=9469)
-    p.set_defaults(func=_cmd_reconcile)
-
-    p = sub.add_parser("demo", help="the main job end to end: upload, OCR, embed, search")
-    p.add_argument("--state-dir", default=".outbox", help="where PID files and logs go")
-    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("schema", help="the event envelope's JSON schema")
     p.add_argument("--write", action="store_true", help="rewrite outbox/schemas/ instead")
     p.set_defaults(func=_cmd_schema)
+
+    for ep in sorted(entry_points(group="outbox.commands"), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
 
 

@@ -1,9 +1,12 @@
-"""Database engines bound to the configured schema."""
+"""Database access bound to the configured schema: SQLAlchemy engines for applications, and
+plain psycopg connections (reopened after a loss) for the relays' long-lived sessions."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import psycopg
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import create_engine, make_url
 from sqlalchemy.engine import Engine
@@ -21,7 +24,7 @@ def checked_schema(name: str) -> str:
     return name
 
 
-def make_engine(settings: Settings, **kwargs: object) -> Engine:
+def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     """An engine whose connections resolve unqualified table names in the configured schema."""
     schema = checked_schema(settings.db_schema)
     return create_engine(
@@ -41,3 +44,29 @@ def libpq_dsn(settings: Settings) -> str:
         url.render_as_string(hide_password=False),
         options=f"-c search_path={schema} -c TimeZone=UTC",
     )
+
+
+class ReconnectingConnection:
+    """An autocommit psycopg connection, opened on first use and reopened after a loss."""
+
+    def __init__(self, dsn: str, **connect_kwargs: Any) -> None:
+        self._dsn = dsn
+        self._kwargs = connect_kwargs
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """True while a connection is open (it may still turn out to be broken)."""
+        return self._conn is not None and not self._conn.closed
+
+    def get(self) -> psycopg.Connection:
+        """The open connection (connecting when there is none)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._dsn, autocommit=True, **self._kwargs)
+        return self._conn
+
+    def close(self) -> None:
+        """Close it, if open."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

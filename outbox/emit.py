@@ -10,7 +10,7 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from outbox.models import outbox_table
+from outbox.tables import outbox_table
 
 
 class NoTransactionError(RuntimeError):

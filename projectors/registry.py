@@ -8,43 +8,46 @@ from collections.abc import Callable
 import redis
 from elasticsearch import Elasticsearch
 
+from images.storage import s3_client
 from outbox.db import make_engine
 from outbox.observability import serve_until_stopped
-from outbox.settings import Settings
-from outbox.storage import s3_client
-from projectors.embed import EmbeddingWorker
-from projectors.embedder import get_embedder
-from projectors.ocr import OcrWorker
 from projectors.runtime import ConsumerRuntime, Projector
-from projectors.search import SearchProjector
-from projectors.task_cache import TaskCache, TaskCacheProjector
+from projectors.settings import ProjectorSettings
+from projectors.views.search import SearchProjector
+from projectors.views.task_cache import TaskCache, TaskCacheProjector
+from projectors.workers.embed import EmbeddingWorker
+from projectors.workers.embedder import get_embedder
+from projectors.workers.ocr import OcrWorker
+
+# Defaults that let the four projectors run side by side on one host.
+METRICS_PORTS = {"ocr": 9465, "embed": 9466, "search": 9467, "cache": 9468}
 
 
-def _ocr(s: Settings, stop: threading.Event) -> Projector:
+def _ocr(s: ProjectorSettings, stop: threading.Event) -> Projector:
     # OCR takes about a second per image: it checks for a stop between images.
     return OcrWorker(s, make_engine(s), s3_client(s), should_stop=stop.is_set)
 
 
-def _embed(s: Settings, stop: threading.Event) -> Projector:
+def _embed(s: ProjectorSettings, stop: threading.Event) -> Projector:
     return EmbeddingWorker(s, make_engine(s), get_embedder(s.embedding_model))
 
 
-def _search(s: Settings, stop: threading.Event) -> Projector:
+def _search(s: ProjectorSettings, stop: threading.Event) -> Projector:
     tasks = TaskCache(s, redis.Redis.from_url(s.redis_url))
     return SearchProjector(s, Elasticsearch(s.es_url), tasks)
 
 
-def _cache(s: Settings, stop: threading.Event) -> Projector:
+def _cache(s: ProjectorSettings, stop: threading.Event) -> Projector:
     client = redis.Redis.from_url(s.redis_url)
     return TaskCacheProjector(TaskCache(s, client), client)
 
 
-PROJECTORS: dict[str, Callable[[Settings, threading.Event], Projector]] = {
+PROJECTORS: dict[str, Callable[[ProjectorSettings, threading.Event], Projector]] = {
     "ocr": _ocr, "embed": _embed, "search": _search, "cache": _cache,
 }
 
 
-def build_runtime(settings: Settings, name: str, *, group_id: str | None = None,
+def build_runtime(settings: ProjectorSettings, name: str, *, group_id: str | None = None,
                   stop: threading.Event | None = None) -> ConsumerRuntime:
     """The consumer runtime of projector `name`."""
     stop = stop or threading.Event()
@@ -52,7 +55,7 @@ def build_runtime(settings: Settings, name: str, *, group_id: str | None = None,
                            stop=stop)
 
 
-def serve_projector(settings: Settings, name: str, host: str, port: int) -> int:
+def serve_projector(settings: ProjectorSettings, name: str, host: str, port: int) -> int:
     """Run one projector until SIGTERM (the batch in hand is finished and committed)."""
     runtime = build_runtime(settings, name)
     return serve_until_stopped(runtime.stop, runtime.health, host, port, runtime.run)

@@ -30,11 +30,11 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
-from outbox.envelope import EventEnvelope, dlq_topic
-from outbox.settings import Settings
+from outbox.envelope import EventEnvelope
+from outbox.kafka import TopicManager, consumer_config, dlq_topic, producer_config, topic_name
 from projectors.metrics import APPLIED, BATCH_SECONDS, DEAD_LETTERS, LAG_SECONDS, RETRIES
+from projectors.settings import ProjectorSettings
 from projectors.transient_errors import is_transient
-from relays.publisher import TopicManager, producer_config
 
 log = structlog.get_logger(__name__)
 
@@ -62,27 +62,20 @@ class Projector(Protocol):
 class ConsumerRuntime:
     """Runs one projector in a consumer group until `stop` is set."""
 
-    def __init__(self, settings: Settings, projector: Projector, *,
+    def __init__(self, settings: ProjectorSettings, projector: Projector, *,
                  group_id: str | None = None, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.projector = projector
         self.stop = stop or threading.Event()
         self.group_id = group_id or f"{settings.topic_prefix}.{projector.name}"
-        self.topics = [f"{settings.topic_prefix}.{t}" for t in projector.aggregate_types]
+        self.topics = [topic_name(settings.topic_prefix, t) for t in projector.aggregate_types]
         self.last_applied_at: float | None = None
         self.sink_unavailable_since: float | None = None
         self._revoked = False
         self._assigned = 0
         self._dlq_errors: list[str] = []
-        self._consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": settings.projector_session_timeout_ms,
-            "heartbeat.interval.ms": max(500, settings.projector_session_timeout_ms // 5),
-            "partition.assignment.strategy": "range",
-        })
+        self._consumer = Consumer(consumer_config(settings, self.group_id,
+                                                  settings.projector_session_timeout_ms))
         self._dlq = Producer(producer_config(settings))
         self._topic_admin = TopicManager(settings)
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import psycopg
 import structlog
 
+from outbox.db import ReconnectingConnection
+
 log = structlog.get_logger(__name__)
 
 
@@ -19,18 +21,15 @@ class LeaderLock:
     """An advisory lock named after the outbox it guards."""
 
     def __init__(self, dsn: str, name: str) -> None:
-        self._dsn = dsn
+        self._db = ReconnectingConnection(dsn)
         self._name = name
-        self._conn: psycopg.Connection | None = None
 
     def acquire(self, should_stop: Callable[[], bool], poll_s: float = 1.0) -> bool:
         """Block until this process leads (True) or a stop is requested (False)."""
         waiting_logged = False
         while not should_stop():
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self._dsn, autocommit=True)
-                got = self._conn.execute(
+                got = self._db.get().execute(
                     "select pg_try_advisory_lock(hashtextextended(%s, 0))", (self._name,)
                 ).fetchone()
                 if got and got[0]:
@@ -38,7 +37,7 @@ class LeaderLock:
                     return True
             except psycopg.OperationalError as exc:
                 log.warning("leader_lock_unavailable", error=str(exc))
-                self._conn = None
+                self._db.close()
             if not waiting_logged:
                 log.info("standby_waiting", lock=self._name)
                 waiting_logged = True
@@ -47,16 +46,14 @@ class LeaderLock:
 
     def still_held(self) -> bool:
         """False when the lock connection was lost (then another relay may lead)."""
-        if self._conn is None or self._conn.closed:
+        if not self._db.is_open:
             return False
         try:
-            self._conn.execute("select 1")
+            self._db.get().execute("select 1")
             return True
         except psycopg.Error:
             return False
 
     def release(self) -> None:
         """Give the lock up by closing its session."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._db.close()

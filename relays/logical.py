@@ -15,13 +15,16 @@ from collections.abc import Iterator
 
 import psycopg
 import structlog
+from psycopg.rows import dict_row
 
+from outbox.db import ReconnectingConnection
+from outbox.envelope import OutboxRecord, rfc3339
+from outbox.pg_names import publication_name, slot_name
 from outbox.settings import Settings
-from relays.connection import LazyConnection
 from relays.metrics import OLDEST_UNPUBLISHED_AGE, SLOT_LAG_BYTES
 from relays.pgoutput import Begin, Commit, Insert, Relation, decode, int_to_lsn
 from relays.publisher import BatchPublisher
-from relays.record import RECORD_COLUMNS, OutboxRecord, record_from_row, rfc3339
+from relays.record import SELECT_LIST, record_from_row
 
 log = structlog.get_logger(__name__)
 
@@ -35,16 +38,6 @@ select data from pg_logical_slot_peek_binary_changes(
 """
 
 
-def slot_name(schema: str) -> str:
-    """The replication slot of an outbox schema."""
-    return f"outbox_{schema}"
-
-
-def publication_name(schema: str) -> str:
-    """The publication of an outbox schema (inserts into its outbox table only)."""
-    return f"outbox_{schema}_pub"
-
-
 class LogicalRelay:
     """Reads committed outbox inserts from the slot and publishes them in commit order."""
 
@@ -56,7 +49,7 @@ class LogicalRelay:
         self._schema = settings.db_schema
         self._slot = slot_name(self._schema)
         self._publication = publication_name(self._schema)
-        self._db = LazyConnection(dsn)
+        self._db = ReconnectingConnection(dsn)
         # relation id -> positions of the record's fields in that relation's tuples
         self._positions: dict[int, tuple[int, ...]] = {}
         self._last_heartbeat = 0.0
@@ -104,14 +97,15 @@ class LogicalRelay:
         """
         conn, last_seq, total = self.conn, 0, 0
         while True:
-            rows = conn.execute(
-                f"select seq, {RECORD_COLUMNS} from outbox where published_at is null "
-                "and seq > %s and seq <= %s order by seq limit %s",
-                (last_seq, upto, self._settings.relay_batch_size)).fetchall()
+            with conn.cursor(row_factory=dict_row) as cur:
+                rows = cur.execute(
+                    f"select {SELECT_LIST} from outbox where published_at is null "
+                    "and seq > %s and seq <= %s order by seq limit %s",
+                    (last_seq, upto, self._settings.relay_batch_size)).fetchall()
             if not rows:
                 break
-            total += self._publisher.publish(record_from_row(r[1:]) for r in rows)
-            last_seq = rows[-1][0]
+            total += self._publisher.publish(record_from_row(r) for r in rows)
+            last_seq = rows[-1]["seq"]
         conn.execute("update relay_slot set backfilled_at = now() where slot_name = %s",
                      (self._slot,))
         log.info("slot_backfilled", slot=self._slot, events=total, upto_seq=upto)

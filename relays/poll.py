@@ -11,12 +11,13 @@ import time
 
 import psycopg
 import structlog
+from psycopg.rows import dict_row
 
+from outbox.db import ReconnectingConnection
 from outbox.settings import Settings
-from relays.connection import LazyConnection
 from relays.metrics import OLDEST_UNPUBLISHED_AGE
 from relays.publisher import BatchPublisher
-from relays.record import RECORD_COLUMNS, record_from_row
+from relays.record import SELECT_LIST, record_from_row
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +25,7 @@ log = structlog.get_logger(__name__)
 # acknowledged, and rolls back (unmarking the rows) otherwise.
 CLAIM_BATCH = (
     "update outbox set published_at = now() where seq in (select seq from outbox where "
-    f"published_at is null order by seq limit %s for update) returning seq, {RECORD_COLUMNS}"
+    f"published_at is null order by seq limit %s for update) returning {SELECT_LIST}"
 )
 
 
@@ -36,7 +37,7 @@ class PollRelay:
     def __init__(self, settings: Settings, dsn: str, publisher: BatchPublisher) -> None:
         self._settings = settings
         self._publisher = publisher
-        self._db = LazyConnection(dsn)
+        self._db = ReconnectingConnection(dsn)
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -51,13 +52,14 @@ class PollRelay:
         """Publish one batch; 0 when there was nothing to do."""
         conn = self.conn
         with conn.transaction():
-            rows = conn.execute(CLAIM_BATCH, (self._settings.relay_batch_size,)).fetchall()
+            with conn.cursor(row_factory=dict_row) as cur:
+                rows = cur.execute(CLAIM_BATCH, (self._settings.relay_batch_size,)).fetchall()
             if not rows:
                 OLDEST_UNPUBLISHED_AGE.set(0.0)
                 return 0
-            rows.sort(key=lambda r: r[0])  # RETURNING does not keep the subquery's order
-            OLDEST_UNPUBLISHED_AGE.set(max(0.0, time.time() - rows[0][9].timestamp()))
-            return self._publisher.publish(record_from_row(r[1:]) for r in rows)
+            rows.sort(key=lambda r: r["seq"])  # RETURNING does not keep the subquery's order
+            OLDEST_UNPUBLISHED_AGE.set(max(0.0, time.time() - rows[0]["created_at"].timestamp()))
+            return self._publisher.publish(record_from_row(r) for r in rows)
 
     def close(self) -> None:
         """Close the database connection."""

@@ -9,61 +9,17 @@ from typing import Any
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from outbox.envelope import dlq_topic
+from outbox.envelope import OutboxRecord
+from outbox.kafka import TopicManager, dlq_topic, producer_config
 from outbox.settings import Settings
 from relays.metrics import PUBLISH_LATENCY
-from relays.record import OutboxRecord
 
 log = structlog.get_logger(__name__)
 
 
 class PublishError(RuntimeError):
     """Some message of the batch was not acknowledged: the position must not move."""
-
-
-def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """Producer settings shared by the relays and the benchmark's raw producer."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "batch.num.messages": 10000,
-        "queue.buffering.max.messages": 200000,
-        "queue.buffering.max.kbytes": 262144,
-        "message.timeout.ms": 60000,
-        # murmur2 partitions like the Java clients: the same key lands in the same partition
-        # whichever client produces it.
-        "partitioner": "murmur2_random",
-        **overrides,
-    }
-
-
-class TopicManager:
-    """Creates `<prefix>.<aggregate_type>` topics with the configured partition count."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-        self._partitions = settings.topic_partitions
-        self._known: set[str] = set()
-
-    def ensure(self, topic: str) -> None:
-        """Create the topic unless seen before (an existing topic is fine)."""
-        if topic in self._known:
-            return
-        existing = set(self._admin.list_topics(timeout=10).topics)
-        to_create = [] if topic in existing else [NewTopic(topic, self._partitions, 1)]
-        if to_create:
-            for topic, fut in self._admin.create_topics(to_create).items():
-                try:
-                    fut.result(timeout=30)
-                    log.info("topic_created", topic=topic, partitions=self._partitions)
-                except KafkaException as exc:
-                    if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                        raise
-        self._known.add(topic)
 
 
 class BatchPublisher:

@@ -11,8 +11,9 @@ import psycopg
 import structlog
 from confluent_kafka import KafkaException
 
-from outbox.db import libpq_dsn
+from outbox.db import ReconnectingConnection, libpq_dsn
 from outbox.observability import serve_until_stopped
+from outbox.pg_names import notify_channel, relay_lock_name
 from outbox.settings import Settings
 from relays.election import LeaderLock
 from relays.janitor import purge_outbox
@@ -50,27 +51,26 @@ class Waker:
     """Blocks until the outbox trigger's NOTIFY arrives, or the fallback interval passes."""
 
     def __init__(self, dsn: str, schema: str) -> None:
-        self._dsn = dsn
-        self._channel = f"outbox_{schema}"
-        self._conn: psycopg.Connection | None = None
+        self._db = ReconnectingConnection(dsn)
+        self._channel = notify_channel(schema)
 
     def wait(self, timeout: float) -> None:
         """Return on a notification or after `timeout` seconds."""
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self._dsn, autocommit=True)
-                self._conn.execute(f'listen "{self._channel}"')
-            for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+            fresh = not self._db.is_open
+            conn = self._db.get()
+            if fresh:
+                conn.execute(f'listen "{self._channel}"')
+            for _ in conn.notifies(timeout=timeout, stop_after=1):
                 pass
         except psycopg.Error as exc:
             log.warning("listen_failed", error=str(exc))
-            self._conn = None
+            self._db.close()
             time.sleep(timeout)
 
     def close(self) -> None:
         """Close the LISTEN connection."""
-        if self._conn is not None:
-            self._conn.close()
+        self._db.close()
 
 
 class RelayProcess:
@@ -118,7 +118,7 @@ class RelayProcess:
         Leadership can be lost (the lock's session ended, e.g. a database restart): the
         relay then stops publishing and waits as a standby again.
         """
-        lock = LeaderLock(self.dsn, f"outbox-relay:{self.settings.db_schema}")
+        lock = LeaderLock(self.dsn, relay_lock_name(self.settings.db_schema))
         while lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
             self.leader = True
             IS_LEADER.set(1)

@@ -12,7 +12,7 @@ from elasticsearch import Elasticsearch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from outbox.settings import Settings
+from app.settings import AppSettings
 from tests.auth import API_KEYS
 
 REQUIRED = ("OUTBOX_DATABASE_URL", "OUTBOX_KAFKA_BOOTSTRAP", "OUTBOX_S3_ENDPOINT", "OUTBOX_ES_URL")
@@ -34,12 +34,12 @@ def uid() -> str:
 
 
 @pytest.fixture
-def base_settings() -> Settings:
-    return Settings()
+def base_settings() -> AppSettings:
+    return AppSettings()
 
 
 @pytest.fixture
-def pg_schema(base_settings: Settings, uid: str) -> Iterator[str]:
+def pg_schema(base_settings: AppSettings, uid: str) -> Iterator[str]:
     """A fresh PostgreSQL schema, dropped after the test."""
     name = f"t_{uid}"
     engine = create_engine(base_settings.database_url)
@@ -52,7 +52,7 @@ def pg_schema(base_settings: Settings, uid: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(base_settings: Settings, pg_schema: str, uid: str) -> Settings:
+def settings(base_settings: AppSettings, pg_schema: str, uid: str) -> AppSettings:
     """Settings whose schema, topic prefix, index and Redis prefix belong to this test only."""
     return base_settings.model_copy(
         update={
@@ -65,28 +65,28 @@ def settings(base_settings: Settings, pg_schema: str, uid: str) -> Settings:
 
 
 @pytest.fixture
-def raw_engine(base_settings: Settings) -> Iterator[Engine]:
+def raw_engine(base_settings: AppSettings) -> Iterator[Engine]:
     engine = create_engine(base_settings.database_url)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def es(base_settings: Settings) -> Iterator[Elasticsearch]:
+def es(base_settings: AppSettings) -> Iterator[Elasticsearch]:
     client = Elasticsearch(base_settings.es_url)
     yield client
     client.close()
 
 
 @pytest.fixture
-def redis_client(base_settings: Settings) -> Iterator[redis.Redis]:
+def redis_client(base_settings: AppSettings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(base_settings.redis_url)
     yield client
     client.close()
 
 
 @pytest.fixture
-def migrated(settings: Settings) -> Settings:
+def migrated(settings: AppSettings) -> AppSettings:
     """This test's settings, with the migrations applied to its schema."""
     from outbox.migrate import migrate
 
@@ -95,7 +95,7 @@ def migrated(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def engine(migrated: Settings) -> Iterator[Engine]:
+def engine(migrated: AppSettings) -> Iterator[Engine]:
     from outbox.db import make_engine
 
     eng = make_engine(migrated)
@@ -104,7 +104,7 @@ def engine(migrated: Settings) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def api_settings(migrated: Settings) -> Settings:
+def api_settings(migrated: AppSettings) -> AppSettings:
     from pydantic import SecretStr
 
     return migrated.model_copy(
@@ -113,11 +113,11 @@ def api_settings(migrated: Settings) -> Settings:
 
 
 @pytest.fixture
-def api(api_settings: Settings) -> Iterator:
+def api(api_settings: AppSettings) -> Iterator:
     """The HTTP API in process (real PostgreSQL and S3 behind it)."""
     from fastapi.testclient import TestClient
 
-    from outbox.api.app import create_app
+    from app.api.app import create_app
 
     app = create_app(api_settings)
     with TestClient(app, raise_server_exceptions=False) as client:

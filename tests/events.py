@@ -6,7 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from outbox.envelope import EventEnvelope
-from outbox.models import outbox_table
+from outbox.tables import outbox_table
 
 
 def events_of(engine: Engine, aggregate_id: str) -> list[EventEnvelope]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
-from outbox.settings import Settings
+from app.settings import AppSettings
 from projectors.registry import build_runtime
 from projectors.runtime import ConsumerRuntime
 from relays.runner import RelayProcess
@@ -23,7 +23,7 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def committed_offsets(settings: Settings, group: str, topic: str) -> int:
+def committed_offsets(settings: AppSettings, group: str, topic: str) -> int:
     """The sum over `topic`'s partitions of `group`'s committed offsets (0 where none)."""
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions
@@ -34,7 +34,7 @@ def committed_offsets(settings: Settings, group: str, topic: str) -> int:
 
 @dataclass
 class Pipeline:
-    settings: Settings
+    settings: AppSettings
     relay: RelayProcess | None = None
     runtimes: dict[str, ConsumerRuntime] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)

@@ -20,8 +20,8 @@ from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from app.settings import AppSettings
 from outbox import emit
-from outbox.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,7 +153,7 @@ def order_violations(versions: dict[str, list[int]]) -> list[str]:
 class RelayProc:
     """`outbox relay` as a child process with its own settings."""
 
-    def __init__(self, settings: Settings, mode: str, log_path: Path, **extra_env: str):
+    def __init__(self, settings: AppSettings, mode: str, log_path: Path, **extra_env: str):
         env = {**os.environ, **settings_env(settings), **extra_env}
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.port = free_port()
@@ -193,7 +193,7 @@ class RelayProc:
         self.log.close()
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
+def settings_env(settings: AppSettings) -> dict[str, str]:
     """The environment that gives a child process these settings."""
     return {
         "OUTBOX_DB_SCHEMA": settings.db_schema,

@@ -13,15 +13,15 @@ from hypothesis import HealthCheck, settings
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 
-from outbox.api.app import create_app
+from app.api.app import create_app
+from app.settings import AppSettings
 from outbox.migrate import migrate
-from outbox.settings import Settings
-from projectors.search_index import ensure_index
+from projectors.views.search_index import ensure_index
 from tests.auth import API_KEYS
 
 FUZZ_EXAMPLES = int(os.environ.get("OUTBOX_FUZZ_EXAMPLES", "40"))
 RUN = uuid.uuid4().hex[:8]
-CONFIG = Settings(db_schema=f"fuzz_{RUN}", es_index=f"fuzz{RUN}-images",
+CONFIG = AppSettings(db_schema=f"fuzz_{RUN}", es_index=f"fuzz{RUN}-images",
                   api_keys=SecretStr(API_KEYS))
 APP = create_app(CONFIG)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)

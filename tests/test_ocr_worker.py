@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from outbox.sample_images import text_image
-from outbox.storage import s3_client
-from projectors.ocr import OcrWorker
+from app.sample_images import text_image
+from images.storage import s3_client
 from projectors.runtime import BatchInterrupted
+from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import latest_event
 from tests.images import upload

@@ -16,14 +16,14 @@ from kafka import KafkaConsumer
 from pydantic import SecretStr
 from sqlalchemy import create_engine, func, select, text
 
-from outbox.api.app import create_app
+from app.api.app import create_app
+from app.sample_images import text_image
+from app.settings import AppSettings
 from outbox.db import libpq_dsn, make_engine
-from outbox.envelope import dlq_topic
+from outbox.kafka import dlq_topic
 from outbox.migrate import migrate
-from outbox.models import outbox_table
-from outbox.sample_images import text_image
-from outbox.settings import Settings
-from relays.logical import slot_name
+from outbox.pg_names import publication_name, slot_name
+from outbox.tables import outbox_table
 from tests.auth import API_KEYS, AUTH_A
 from tests.images import upload
 from tests.pipeline_harness import PROJECTOR_NAMES, Pipeline, metric, wait_for
@@ -37,17 +37,18 @@ CHINESE = ["超市购物收据", "牛奶 面包 鸡蛋"]
 @pytest.fixture(scope="module")
 def cfg():
     uid = uuid.uuid4().hex[:8]
-    s = Settings(db_schema=f"pipe_{uid}", topic_prefix=f"pipe{uid}", es_index=f"pipe{uid}-images",
-                 redis_prefix=f"pipe{uid}", api_keys=SecretStr(API_KEYS),
-                 projector_session_timeout_ms=6000, projector_batch_size=50,
-                 relay_poll_interval_s=0.2, max_upload_bytes=2_000_000)
+    s = AppSettings(db_schema=f"pipe_{uid}", topic_prefix=f"pipe{uid}",
+                    es_index=f"pipe{uid}-images", redis_prefix=f"pipe{uid}",
+                    api_keys=SecretStr(API_KEYS), projector_session_timeout_ms=6000,
+                    projector_batch_size=50, relay_poll_interval_s=0.2,
+                    max_upload_bytes=2_000_000)
     migrate(s)
     yield s
     import psycopg
     with psycopg.connect(libpq_dsn(s), autocommit=True) as conn:
         conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots "
                      "where slot_name = %s", (slot_name(s.db_schema),))
-        conn.execute(f'drop publication if exists "outbox_{s.db_schema}_pub"')
+        conn.execute(f'drop publication if exists "{publication_name(s.db_schema)}"')
     engine = create_engine(s.database_url)
     with engine.begin() as conn:
         conn.execute(text(f'drop schema "{s.db_schema}" cascade'))

@@ -9,12 +9,12 @@ import uuid
 import pytest
 from sqlalchemy import select, text
 
-from outbox.image_store import transition
-from outbox.models import outbox_table
-from outbox.reconciler import Reconciler
-from outbox.sample_images import text_image
-from outbox.storage import s3_client
-from projectors.ocr import OcrWorker
+from app.reconciler import Reconciler
+from app.sample_images import text_image
+from images.storage import s3_client
+from images.store import transition
+from outbox.tables import outbox_table
+from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import events_of
 from tests.images import png_bytes, upload
@@ -91,8 +91,8 @@ def test_stuck_ocr_attempt_is_retried_or_failed(api, engine, reconciler, api_set
     created = _create(api, body, metadata={"title": "stuck"})
     upload(created, body)
     api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A)
-    from outbox.image_policy import ImageState
-    from outbox.image_store import load_image
+    from images.policy import ImageState
+    from images.store import load_image
 
     with engine.begin() as conn:  # a worker claimed it, then died
         row = load_image(conn, "org-a", uuid.UUID(created["id"]))

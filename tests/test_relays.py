@@ -13,8 +13,8 @@ from sqlalchemy import text
 
 from outbox import emit
 from outbox.db import libpq_dsn
-from outbox.envelope import dlq_topic
-from relays.logical import slot_name
+from outbox.kafka import dlq_topic
+from outbox.pg_names import publication_name, relay_lock_name, slot_name
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
     LoadResult,
@@ -51,7 +51,7 @@ def relays(relay_settings, tmp_path):
     with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:
         conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots "
                      "where slot_name = %s", (slot_name(relay_settings.db_schema),))
-        conn.execute(f'drop publication if exists "outbox_{relay_settings.db_schema}_pub"')
+        conn.execute(f'drop publication if exists "{publication_name(relay_settings.db_schema)}"')
 
 
 def _topic(settings) -> str:
@@ -177,7 +177,7 @@ def test_leader_that_loses_its_lock_stays_in_the_election(mode, relay_settings, 
     second = relays(mode)
     second.wait_role("standby")
     # End the session that holds the leader's advisory lock, as a database restart would.
-    lock_key = f"outbox-relay:{relay_settings.db_schema}"
+    lock_key = relay_lock_name(relay_settings.db_schema)
     with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:
         ended = conn.execute(
             "select count(pg_terminate_backend(pid)) from pg_locks where locktype = 'advisory'"

@@ -1,0 +1,85 @@
+"""The FastAPI application of the example image service."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import redis
+from elasticsearch import Elasticsearch
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+
+from app.api.auth import ApiKeys
+from app.api.errors import install_error_handlers
+from app.api.images import ApiContext, image_router
+from app.api.search import search_router
+from app.settings import AppSettings, get_app_settings
+from images.storage import s3_client
+from outbox.db import make_engine
+from projectors.views.search_reader import SearchReader
+from projectors.views.task_cache import TaskCache
+from projectors.workers.embedder import get_embedder
+
+REQUESTS = Counter("outbox_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("outbox_http_request_seconds", "HTTP request latency", ["method", "route"])
+
+
+def create_app(settings: AppSettings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment)."""
+    settings = settings or get_app_settings()
+    model = settings.embedding_model
+
+    def query_vector(q: str) -> list[float]:
+        return get_embedder(model).query(q).tolist()
+
+    ctx = ApiContext(
+        settings=settings,
+        engine=make_engine(settings),
+        s3=s3_client(settings),
+        keys=ApiKeys(settings.api_keys.get_secret_value()),
+        search=SearchReader(Elasticsearch(settings.es_url), settings.es_index, query_vector),
+        tasks=TaskCache(settings, redis.Redis.from_url(settings.redis_url)),
+    )
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        ctx.engine.dispose()
+
+    app = FastAPI(title="outbox-sidecar example API", version="1", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(image_router(ctx))
+    app.include_router(search_router(ctx))
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics of this process."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.ctx = ctx
+
+    @app.middleware("http")
+    async def _measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> JSONResponse:
+        """Ready when the database answers."""
+        try:
+            with ctx.engine.connect() as conn:
+                conn.execute(text("select 1"))
+        except Exception as exc:
+            return JSONResponse({"status": "down", "database": str(exc)[:200]}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    return app

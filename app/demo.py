@@ -1,0 +1,218 @@
+"""`outbox demo`: the whole pipeline on the local stack, end to end.
+
+Starts the API, the relay, the four projectors and the reconciler as separate processes,
+uploads a few dozen generated English and Chinese images through the HTTP API with real
+presigned uploads, waits until every image is searchable, runs text, vector and Chinese
+queries, and prints the time each image spent in each stage. The processes are stopped at
+the end (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from app.sample_images import text_image
+from app.settings import AppSettings
+from outbox.db import make_engine
+from outbox.migrate import migrate
+from outbox.tables import outbox_table
+
+API_PORT = 18000
+METRICS_PORTS = {"relay": 19464, "ocr": 19465, "embed": 19466, "search": 19467, "cache": 19468,
+                 "reconcile": 19469}
+DEMO_KEY, DEMO_ORG = "demo-key", "demo-org"
+
+# Twelve English and twelve Chinese documents: a title and the lines drawn on the image.
+SAMPLES = json.loads((Path(__file__).resolve().parent / "demo_images.json").read_text())
+QUERIES = [("harbour cafe", "text"), ("invoice", "text"), ("超市", "text"), ("火车票", "text"),
+           ("coffee receipt", "vector"), ("train to york", "vector"), ("购物小票", "vector"),
+           ("药", "hybrid"), ("music concert seat", "hybrid")]
+
+
+@dataclass
+class Upload:
+    """One demo image on its way through the pipeline, with its stage timestamps."""
+
+    id: str
+    title: str
+    submitted: float
+    searchable_at: float | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class Processes:
+    """The demo's child processes, each with a PID file and a log under .outbox/."""
+
+    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = state_dir / "run"
+        self.log_dir = state_dir / "logs"
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str]) -> None:
+        """Start `outbox <args>` as child `name`, logging to its file."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"demo-{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen([sys.executable, "-m", "outbox.cli", *args], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        (self.run_dir / f"demo-{name}.pid").write_text(f"{proc.pid}\n")
+        self.procs[name] = proc
+
+    def stop(self) -> None:
+        """SIGTERM every child, wait for it, SIGKILL what does not exit in time."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            (self.run_dir / f"demo-{name}.pid").unlink(missing_ok=True)
+
+
+def _wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+def _submit(api: str, title: str, lines: list[str], metadata_first: bool) -> Upload:
+    auth = {"Authorization": f"Bearer {DEMO_KEY}"}
+    body = text_image(lines)
+    start = time.time()
+    created = requests.post(f"{api}/v1/images", headers=auth, timeout=30, json={
+        "filename": "scan.png", "content_type": "image/png", "size": len(body)}).json()
+    meta = {"title": title, "tags": ["demo"]}
+    if metadata_first:
+        requests.put(f"{api}/v1/images/{created['id']}/metadata", json=meta, headers=auth,
+                     timeout=30).raise_for_status()
+    requests.post(created["upload_url"], data=created["upload_fields"],
+                  files={"file": ("scan.png", body)}, timeout=30).raise_for_status()
+    requests.post(f"{api}/v1/images/{created['id']}/uploaded", headers=auth,
+                  timeout=30).raise_for_status()
+    if not metadata_first:
+        requests.put(f"{api}/v1/images/{created['id']}/metadata", json=meta, headers=auth,
+                     timeout=30).raise_for_status()
+    return Upload(created["id"], title, start)
+
+
+def _stage_times(settings: AppSettings, uploads: list[Upload]) -> None:
+    """Per image: when each stage's event was written."""
+    engine = make_engine(settings)
+    ids = [u.id for u in uploads]
+    with engine.connect() as conn:
+        rows = conn.execute(select(outbox_table.c.aggregate_id, outbox_table.c.type,
+                                   outbox_table.c.created_at)
+                            .where(outbox_table.c.aggregate_id.in_(ids))).all()
+    engine.dispose()
+    for u in uploads:
+        for agg, typ, at in rows:
+            if agg == u.id:
+                u.stages.setdefault(typ, at.timestamp())
+
+
+def run_demo(settings: AppSettings, state_dir: Path) -> int:
+    """Run the demo; return the exit code."""
+    console = Console(width=120)
+    api = f"http://127.0.0.1:{API_PORT}"
+    env = {**os.environ, "OUTBOX_API_KEYS": f"{DEMO_KEY}:{DEMO_ORG}"}
+    console.print(f"[bold]migrating[/] schema {settings.db_schema!r}")
+    migrate(settings)
+    procs = Processes(state_dir, env)
+    # SIGTERM unwinds like Ctrl-C, so the children are stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        procs.start("api", ["api", "--port", str(API_PORT)])
+        procs.start("relay", ["relay", "--metrics-port", str(METRICS_PORTS["relay"])])
+        for name in ("ocr", "embed", "search", "cache"):
+            procs.start(name, ["project", name, "--metrics-port", str(METRICS_PORTS[name])])
+        procs.start("reconcile", ["reconcile", "--metrics-port",
+                                  str(METRICS_PORTS["reconcile"])])
+        _wait_http(f"{api}/healthz")
+        for port in METRICS_PORTS.values():
+            _wait_http(f"http://127.0.0.1:{port}/healthz")
+        console.print(f"API {api}, relay and projectors running (logs: {procs.log_dir})")
+        samples = SAMPLES["english"] + SAMPLES["chinese"]
+        uploads = [_submit(api, doc["title"], doc["lines"], metadata_first=i % 2 == 0)
+                   for i, doc in enumerate(samples)]
+        console.print(f"uploaded {len(uploads)} images; waiting until all are searchable")
+        _wait_searchable(api, uploads, timeout_s=600)
+        _stage_times(settings, uploads)
+        _print_stages(console, uploads)
+        _print_queries(console, api, {u.id: u.title for u in uploads})
+    finally:
+        procs.stop()
+        console.print("processes stopped; `make down` stops the stack")
+    return 0
+
+
+def _wait_searchable(api: str, uploads: list[Upload], timeout_s: float) -> None:
+    auth = {"Authorization": f"Bearer {DEMO_KEY}"}
+    deadline = time.monotonic() + timeout_s
+    pending = {u.id: u for u in uploads}
+    while pending and time.monotonic() < deadline:
+        for image_id, u in list(pending.items()):
+            doc = requests.get(f"{api}/v1/images/{image_id}", headers=auth, timeout=30).json()
+            if doc.get("searchable"):
+                u.searchable_at = time.time()
+                del pending[image_id]
+            elif doc["state"] in ("ocr_failed", "embedding_failed"):
+                raise RuntimeError(f"{image_id} failed: {doc.get('last_error')}")
+        time.sleep(0.25)
+    if pending:
+        raise RuntimeError(f"{len(pending)} images not searchable after {timeout_s}s")
+
+
+def _print_stages(console: Console, uploads: list[Upload]) -> None:
+    table = Table(title="Time per stage (seconds)")
+    for col in ("image", "upload+confirm", "queue->OCR", "OCR", "->embedded", "->searchable",
+                "total"):
+        table.add_column(col, justify="right" if col != "image" else "left")
+    for u in uploads:
+        s = u.stages
+        ready, started = s.get("image.ocr_requested"), s.get("image.ocr_started")
+        ocr_done, embedded = s.get("image.ocr_completed"), s.get("image.embedded")
+        if None in (ready, started, ocr_done, embedded, u.searchable_at):
+            continue
+        table.add_row(u.title, f"{ready - u.submitted:.2f}", f"{started - ready:.2f}",
+                      f"{ocr_done - started:.2f}", f"{embedded - ocr_done:.2f}",
+                      f"{u.searchable_at - embedded:.2f}", f"{u.searchable_at - u.submitted:.2f}")
+    console.print(table)
+    first = min(u.submitted for u in uploads)
+    last = max(u.searchable_at or 0 for u in uploads)
+    console.print(f"{len(uploads)} images searchable in {last - first:.1f} s: "
+                  f"{len(uploads) / (last - first):.2f} images/s through the whole pipeline")
+
+
+def _print_queries(console: Console, api: str, titles: dict[str, str]) -> None:
+    auth = {"Authorization": f"Bearer {DEMO_KEY}"}
+    table = Table(title="Queries")
+    for col in ("query", "mode", "top results"):
+        table.add_column(col)
+    for q, mode in QUERIES:
+        r = requests.get(f"{api}/v1/search", params={"q": q, "mode": mode, "limit": 3},
+                         headers=auth, timeout=30)
+        r.raise_for_status()
+        hits = [f"{titles.get(h['id'], h['title'])} ({h['score']:.3f})" for h in r.json()["items"]]
+        table.add_row(q, mode, "; ".join(hits) or "-")
+    console.print(table)

@@ -1,0 +1,139 @@
+"""The reconciler: acts on images whose state deadline has passed.
+
+It reads only what is due, through the partial index on `deadline_at`, and repairs each
+image in its own transaction with the same guarded transitions as everything else:
+
+- `requested`: the object may exist with its confirmation lost; it is verified and the
+  image moves on (`uploaded`/`ocr_pending`, or `rejected`); with no object it `expired`.
+- `uploaded` without metadata: `abandoned`, and its object deleted.
+- `ocr_running` (a worker died mid-attempt): back to `ocr_pending` for another attempt, or
+  `ocr_failed` once the attempts are spent.
+- `ocr_pending`, `embedding_pending` (the request was dead-lettered, or the worker is down
+  or far behind): requeued, a new version with a new deadline and event, so at most once
+  per deadline period; the worker acts on the newest version only.
+
+Overdue images are also counted (`outbox_reconciler_overdue`) for alerting.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+
+import structlog
+from botocore.client import BaseClient
+from botocore.exceptions import ClientError
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from app.upload_verification import UploadMissing
+from app.uploads import settle_upload
+from images.policy import REQUEUE_EVENTS, ImageState
+from images.settings import ImageSettings
+from images.store import requeue, transition
+from images.tables import image_table
+
+log = structlog.get_logger(__name__)
+S = ImageState
+REPAIRABLE = (S.REQUESTED, S.UPLOADED, S.OCR_RUNNING, *REQUEUE_EVENTS)
+
+REPAIRS = PromCounter("outbox_reconciler_repairs_total", "images repaired",
+                      ["from_state", "to_state"])
+OVERDUE = Gauge("outbox_reconciler_overdue", "images past their state's deadline", ["state"])
+
+
+class Reconciler:
+    """Repairs overdue images; `run_once` handles up to `batch` of them."""
+
+    def __init__(self, settings: ImageSettings, engine: Engine, s3: BaseClient,
+                 batch: int = 100) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._s3 = s3
+        self._batch = batch
+        self.stop = threading.Event()
+        self.last_run_at: float | None = None
+        self.last_error: str | None = None
+
+    def health(self) -> dict[str, object]:
+        """Report for `/healthz`: `failing` (HTTP 503) while the last round failed."""
+        return {"status": "ok" if self.last_error is None else "failing",
+                "last_run_at": self.last_run_at, "last_error": self.last_error}
+
+    def run_once(self) -> Counter[str]:
+        """Repair what is due now; return how many images went to each state."""
+        t = image_table.c
+        with self._engine.connect() as conn:
+            due = conn.execute(
+                select(t.id).where(t.deadline_at < func.now(), t.state.in_(REPAIRABLE))
+                .order_by(t.deadline_at).limit(self._batch)).scalars().all()
+            overdue = dict(conn.execute(
+                select(t.state, func.count()).where(t.deadline_at < func.now())
+                .group_by(t.state)).all())
+        for state in S:
+            OVERDUE.labels(state.value).set(overdue.get(state.value, 0))
+        outcome: Counter[str] = Counter()
+        for image_id in due:
+            result = self._repair_one(image_id)
+            if result:
+                outcome[result] += 1
+        return outcome
+
+    def _repair_one(self, image_id: uuid.UUID) -> str | None:
+        t = image_table.c
+        with self._engine.begin() as conn:
+            # Locked and re-checked: a worker or the API may have moved it meanwhile.
+            row = conn.execute(
+                select(image_table).where(t.id == image_id, t.deadline_at < func.now())
+                .with_for_update(skip_locked=True)).mappings().one_or_none()
+            if row is None or row["state"] not in REPAIRABLE:
+                return None
+            new = self._repair(conn, row)
+        REPAIRS.labels(row["state"], new["state"]).inc()
+        log.info("image_repaired", image=str(image_id), from_state=row["state"],
+                 to_state=new["state"])
+        return str(new["state"])
+
+    def _repair(self, conn: Connection, row: RowMapping) -> RowMapping:
+        state, settings = ImageState(row["state"]), self._settings
+        if state is S.REQUESTED:
+            try:
+                return settle_upload(conn, self._s3, settings, row)[0]
+            except UploadMissing:
+                return transition(conn, row, S.EXPIRED, settings,
+                                  {"last_error": "no upload before the deadline"})
+        if state is S.UPLOADED:
+            self._delete_object(row["object_key"])
+            return transition(conn, row, S.ABANDONED, settings,
+                              {"last_error": "no metadata before the deadline"})
+        if state in REQUEUE_EVENTS:
+            return requeue(conn, row, settings)
+        spent = row["attempts"] >= settings.max_attempts
+        return transition(conn, row, S.OCR_FAILED if spent else S.OCR_PENDING, settings,
+                          {"last_error": "OCR attempt timed out"})
+
+    def _delete_object(self, key: str) -> None:
+        try:
+            self._s3.delete_object(Bucket=self._settings.s3_bucket, Key=key)
+        except ClientError as exc:  # already gone is fine; anything else retries next round
+            if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchKey"}:
+                raise
+
+    def run(self, interval_s: float) -> int:
+        """Repair every `interval_s` until `stop` is set."""
+        while not self.stop.is_set():
+            try:
+                done = self.run_once()
+                self.last_error = None
+                if done:
+                    log.info("reconciled", **done)
+            except Exception as exc:  # a database or S3 hiccup: the next round retries
+                self.last_error = str(exc)[:300]
+                log.warning("reconcile_failed", error=self.last_error)
+            self.last_run_at = time.time()
+            self.stop.wait(interval_s)
+        return 0

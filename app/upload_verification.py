@@ -1,0 +1,78 @@
+"""Checking an uploaded object before the resource may move to `uploaded`.
+
+The object is HEADed for size and type, its first bytes are sniffed (an image type must hold
+image bytes), and, when the client declared one, its SHA-256 is compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from botocore.client import BaseClient
+from botocore.exceptions import ClientError
+
+from images.settings import ImageSettings
+
+ALLOWED_CONTENT_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
+
+
+class UploadMissing(Exception):
+    """No object under the resource's key yet: the upload has not finished."""
+
+
+class UploadRejected(Exception):
+    """The object is not acceptable; `code` (machine-readable) and `message` say why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The image type the leading bytes belong to, if any of the accepted ones."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _sha256_of(client: BaseClient, bucket: str, key: str) -> str:
+    digest = hashlib.sha256()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    for chunk in body.iter_chunks(chunk_size=1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_upload(client: BaseClient, settings: ImageSettings, image: Mapping[str, Any]) -> int:
+    """Verify the object of `image`; return its size, or raise UploadMissing/UploadRejected."""
+    bucket, key = settings.s3_bucket, image["object_key"]
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+            raise UploadMissing(f"no object uploaded for image {image['id']} yet") from exc
+        raise
+    size = int(head["ContentLength"])
+    if size > settings.max_upload_bytes:
+        raise UploadRejected("too_large", f"object is {size} bytes, the maximum is "
+                             f"{settings.max_upload_bytes}")
+    stored_type = head.get("ContentType", "")
+    if stored_type != image["content_type"]:
+        raise UploadRejected(
+            "unsupported_media_type",
+            f"object stored as {stored_type!r}, declared {image['content_type']!r}",
+        )
+    first = client.get_object(Bucket=bucket, Key=key, Range="bytes=0-15")["Body"].read()
+    if sniff_image_type(first) != image["content_type"]:
+        raise UploadRejected("not_an_image",
+                             f"object bytes are not a {image['content_type']} image")
+    expected = image["checksum_sha256"]
+    if expected and _sha256_of(client, bucket, key) != expected:
+        raise UploadRejected("checksum_mismatch", "object SHA-256 differs from the declared")
+    return size

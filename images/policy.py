@@ -1,0 +1,78 @@
+"""The image state machine, declared once: legal transitions, their events, and deadlines."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from images.settings import ImageSettings
+
+
+class ImageState(StrEnum):
+    """States of an image resource (persistent, user-visible)."""
+
+    REQUESTED = "requested"  # upload URL issued, bound to the id
+    UPLOADED = "uploaded"  # object verified by HEAD; metadata not yet given
+    REJECTED = "rejected"  # the uploaded object failed verification and was deleted
+    OCR_PENDING = "ocr_pending"
+    OCR_RUNNING = "ocr_running"
+    OCR_DONE = "ocr_done"
+    OCR_FAILED = "ocr_failed"
+    EMBEDDING_PENDING = "embedding_pending"
+    EMBEDDED = "embedded"
+    EMBEDDING_FAILED = "embedding_failed"
+    EXPIRED = "expired"  # never uploaded before the deadline
+    ABANDONED = "abandoned"  # uploaded, metadata never came
+    DELETED = "deleted"
+
+
+S = ImageState
+
+TERMINAL: frozenset[ImageState] = frozenset(
+    {S.REJECTED, S.OCR_FAILED, S.EMBEDDING_FAILED, S.EXPIRED, S.ABANDONED, S.DELETED}
+)
+
+# States in which metadata may be (re)written: before or after the upload, not once final.
+METADATA_EDITABLE: frozenset[ImageState] = frozenset(set(S) - TERMINAL)
+
+# (from, to) -> event type. A (state, state) entry is an update that keeps the state.
+TRANSITIONS: dict[tuple[ImageState, ImageState], str] = {
+    (S.REQUESTED, S.UPLOADED): "image.uploaded",
+    (S.REQUESTED, S.REJECTED): "image.upload_rejected",
+    (S.REQUESTED, S.EXPIRED): "image.expired",
+    (S.UPLOADED, S.OCR_PENDING): "image.ocr_requested",
+    (S.UPLOADED, S.ABANDONED): "image.abandoned",
+    (S.OCR_PENDING, S.OCR_RUNNING): "image.ocr_started",
+    (S.OCR_RUNNING, S.OCR_DONE): "image.ocr_completed",
+    (S.OCR_RUNNING, S.OCR_PENDING): "image.ocr_retry",
+    (S.OCR_RUNNING, S.OCR_FAILED): "image.ocr_failed",
+    (S.OCR_DONE, S.EMBEDDING_PENDING): "image.embedding_requested",
+    (S.EMBEDDING_PENDING, S.EMBEDDED): "image.embedded",
+    # A metadata edit after embedding asks for a vector of the new text.
+    (S.EMBEDDED, S.EMBEDDING_PENDING): "image.embedding_requested",
+    (S.EMBEDDING_PENDING, S.EMBEDDING_FAILED): "image.embedding_failed",
+    **{(s, s): "image.metadata_updated" for s in METADATA_EDITABLE},
+    **{(s, S.DELETED): "image.deleted" for s in S if s is not S.DELETED},
+}
+
+CREATED_EVENT = "image.requested"
+
+# Waiting states whose work the reconciler asks for again once overdue (the event that
+# asked for it was dead-lettered, or its worker was down): same state, new version, new
+# deadline, and this event. Workers act only on an image's current version, so the older
+# request, if it still arrives, does nothing.
+REQUEUE_EVENTS: dict[ImageState, str] = {
+    S.OCR_PENDING: "image.ocr_requeued",
+    S.EMBEDDING_PENDING: "image.embedding_requeued",
+}
+
+
+def deadline_seconds(state: ImageState, settings: ImageSettings) -> int | None:
+    """Seconds a resource may stay in `state` before the reconciler acts; None: no deadline."""
+    return {
+        S.REQUESTED: settings.deadline_requested_s,
+        S.UPLOADED: settings.deadline_uploaded_s,
+        S.OCR_PENDING: settings.deadline_ocr_pending_s,
+        S.OCR_RUNNING: settings.deadline_ocr_running_s,
+        S.OCR_DONE: settings.deadline_ocr_pending_s,
+        S.EMBEDDING_PENDING: settings.deadline_embedding_pending_s,
+    }.get(state)

@@ -1,0 +1,24 @@
+"""Settings of the image domain: the object store, upload limits, state deadlines."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from outbox.settings import Settings
+
+
+class ImageSettings(Settings):
+    """The core settings plus what image resources need."""
+
+    s3_endpoint: str | None = "http://127.0.0.1:18333"
+    s3_bucket: str = "outbox-blobs"
+    max_upload_bytes: int = 10 * 1024 * 1024
+    upload_url_ttl_s: int = 900
+
+    # Deadlines of the resource states (seconds) and the OCR/embedding attempt budget.
+    deadline_requested_s: int = 15 * 60
+    deadline_uploaded_s: int = 24 * 3600
+    deadline_ocr_pending_s: int = 10 * 60
+    deadline_ocr_running_s: int = 5 * 60
+    deadline_embedding_pending_s: int = 10 * 60
+    max_attempts: int = Field(default=3, description="OCR and embedding attempts per image")

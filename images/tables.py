@@ -1,0 +1,46 @@
+"""The image domain's tables as SQLAlchemy Core objects (the DDL is in images/migrations/)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Index, MetaData, Table, func, text
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.types import BigInteger, DateTime, Integer, Text
+
+metadata = MetaData()
+
+image_table = Table(
+    "image",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("org_id", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("content_type", Text, nullable=False),
+    Column("declared_size", BigInteger, nullable=False),
+    Column("checksum_sha256", Text),
+    Column("object_key", Text, nullable=False),
+    Column("object_size", BigInteger),
+    Column("metadata", JSONB),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("ocr", JSONB),
+    Column("embedding", JSONB),
+    Column("deadline_at", DateTime(timezone=True)),
+    Column("state_entered_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("image_deadline_idx", "deadline_at", postgresql_where=text("deadline_at IS NOT NULL")),
+    Index("image_org_listing_idx", "org_id", "created_at", "id"),
+    Index("image_org_state_listing_idx", "org_id", "state", "created_at", "id"),
+)
+
+result_cache_table = Table(
+    "result_cache",
+    metadata,
+    Column("kind", Text, primary_key=True),
+    Column("checksum", Text, primary_key=True),
+    Column("engine", Text, primary_key=True),
+    Column("result", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)

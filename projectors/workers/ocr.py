@@ -1,0 +1,121 @@
+"""The OCR worker: `ocr_pending` -> `ocr_running` -> OCR -> `ocr_done` -> `embedding_pending`
+(or back to `ocr_pending` for another attempt, or `ocr_failed` after the last), every step a
+transition with its outbox event. It never writes a view."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+import structlog
+from botocore.client import BaseClient
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from images.policy import ImageState
+from images.store import ImageNotFound, load_image, lock_at_version, transition
+from outbox.envelope import EventEnvelope
+from outbox.tracking import claim_event
+from projectors.runtime import BatchInterrupted
+from projectors.settings import ProjectorSettings
+from projectors.workers.ocr_engine import OcrResult, engine_version, recognize
+from projectors.workers.result_cache import cached_result, store_result
+
+log = structlog.get_logger(__name__)
+S = ImageState
+
+
+class OcrWorker:
+    """Projector `ocr`."""
+
+    name = "ocr"
+    aggregate_types: Sequence[str] = ("image",)
+
+    def __init__(self, settings: ProjectorSettings, engine: Engine, s3: BaseClient,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._s3 = s3
+        self._should_stop = should_stop
+
+    def apply(self, events: list[EventEnvelope]) -> None:
+        """Run OCR for every event that finds its image waiting in `ocr_pending`; on a stop
+        request, raise BatchInterrupted between images (each image's result is committed
+        on its own, so the rest of the batch is simply redelivered)."""
+        for event in events:
+            if self._should_stop():
+                raise BatchInterrupted
+            if event.payload.get("state") == S.OCR_PENDING:
+                self._process(event)
+
+    def _start(self, event: EventEnvelope) -> RowMapping | None:
+        with self._engine.begin() as conn:
+            if not claim_event(conn, self.name, event.id):
+                return None
+            row = lock_at_version(conn, event.aggregate_id, S.OCR_PENDING,
+                                  event.aggregate_version)
+            if row is None:
+                return None
+            return transition(conn, row, S.OCR_RUNNING, self._settings,
+                              {"attempts": row["attempts"] + 1})
+
+    def _process(self, event: EventEnvelope) -> None:
+        running = self._start(event)
+        if running is None:
+            return
+        try:
+            result = self._recognize(running)
+        except Exception as exc:  # any failure is an attempt; the log drives the retry
+            self._fail(running, f"{type(exc).__name__}: {exc}")
+            return
+        with self._engine.begin() as conn:
+            row = self._still_running(conn, running)
+            if row is None:
+                log.info("ocr_result_dropped", image=event.aggregate_id,
+                         reason="the image left this attempt meanwhile")
+                return
+            done = transition(conn, row, S.OCR_DONE, self._settings,
+                              {"ocr": asdict(result), "last_error": None})
+            transition(conn, done, S.EMBEDDING_PENDING, self._settings)
+        log.info("ocr_done", image=event.aggregate_id, chars=len(result.text),
+                 language=result.language)
+
+    def _recognize(self, image: RowMapping) -> OcrResult:
+        body = self._s3.get_object(Bucket=self._settings.s3_bucket, Key=image["object_key"])
+        data = body["Body"].read()
+        checksum = hashlib.sha256(data).hexdigest()
+        engine_id = engine_version(self._settings.ocr_languages)
+        with self._engine.connect() as conn:
+            hit = cached_result(conn, "ocr", checksum, engine_id)
+        if hit is not None:
+            return OcrResult(**hit)
+        result = recognize(data, self._settings.ocr_languages)
+        with self._engine.begin() as conn:
+            store_result(conn, "ocr", checksum, engine_id, asdict(result))
+        return result
+
+    def _fail(self, running: RowMapping, error: str) -> None:
+        last = running["attempts"] >= self._settings.max_attempts
+        with self._engine.begin() as conn:
+            row = self._still_running(conn, running)
+            if row is None:
+                return  # someone else moved it meanwhile (deleted, reconciled)
+            transition(conn, row, S.OCR_FAILED if last else S.OCR_PENDING, self._settings,
+                       {"last_error": error[:1000]})
+        log.warning("ocr_attempt_failed", image=str(running["id"]),
+                    attempt=running["attempts"], final=last, error=error[:200])
+
+    @staticmethod
+    def _still_running(conn: Connection, running: RowMapping) -> RowMapping | None:
+        """The image, locked, if it is still in the attempt `running` started. A metadata
+        edit meanwhile bumps the version but keeps the attempt: the result still applies."""
+        try:
+            row = load_image(conn, running["org_id"], running["id"], for_update=True)
+        except ImageNotFound:
+            return None
+        if row["state"] != S.OCR_RUNNING or row["attempts"] != running["attempts"]:
+            return None
+        return row
+
+    def close(self) -> None:
+        """Nothing held beyond the shared engine."""
