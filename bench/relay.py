@@ -45,7 +45,7 @@ MEMORY_BROKER_PORT = 19094
 DRAIN_TIMEOUT_S = 1800  # a stuck relay fails the run instead of hanging it
 
 
-def _insert_backlog(dsn: str, events: int, per_tx: int = 2000) -> None:
+def _insert_backlog(dsn: str, events: int, per_tx: int = 2000, pad: int = PAD) -> None:
     with psycopg.connect(dsn) as conn:
         for start in range(0, events, per_tx):
             n = min(per_tx, events - start)
@@ -57,7 +57,7 @@ def _insert_backlog(dsn: str, events: int, per_tx: int = 2000) -> None:
                 " jsonb_build_object('traceparent', '00-' || md5(g::text) || '-' ||"
                 " substr(md5(g::text), 1, 16) || '-01')"
                 " from generate_series(%s::int, %s::int) g",
-                (PAD, start, start + n - 1))
+                (pad, start, start + n - 1))
             conn.commit()
 
 
@@ -109,8 +109,10 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def drain(settings: Settings, mode: str, events: int) -> dict[str, float]:
-    """Time a relay process draining `events` committed events; its peak RSS."""
+def drain(settings: Settings, mode: str, events: int, per_tx: int = 2000, pad: int = PAD
+          ) -> dict[str, float]:
+    """Time a relay process draining `events` committed events (in transactions of
+    `per_tx`); its peak RSS."""
     dsn = libpq_dsn(settings)
     if mode == "logical":  # the slot exists before the events, as in production
         publisher = BatchPublisher(settings, stop_requested=lambda: False)
@@ -118,13 +120,14 @@ def drain(settings: Settings, mode: str, events: int) -> dict[str, float]:
         relay.setup()
         relay.close()
         publisher.close()
-    _insert_backlog(dsn, events)
+    _insert_backlog(dsn, events, per_tx, pad)
     with psycopg.connect(dsn) as conn:
         target = conn.execute("select pg_current_wal_flush_lsn()::text").fetchone()[0]
     port = _free_port()
+    # The slot is confirmed every heartbeat: a short one, so the end of the drain is seen.
     env = {**os.environ, "OUTBOX_DB_SCHEMA": settings.db_schema,
            "OUTBOX_TOPIC_PREFIX": settings.topic_prefix,
-           "OUTBOX_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+           "OUTBOX_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "OUTBOX_RELAY_HEARTBEAT_S": "0.1"}
     proc = subprocess.Popen([sys.executable, "-m", "outbox.cli", "relay", "--mode", mode,
                              "--metrics-port", str(port), "--log-level", "WARNING"], env=env)
     try:
@@ -179,7 +182,8 @@ def raw_producer(settings: Settings, events: int) -> float:
 
 
 def latency(settings: Settings, rate: int, seconds: float) -> dict[str, float]:
-    """Commit-to-ack latency of the logical relay under a steady write rate."""
+    """Commit-to-ack latency of the logical relay under a steady write rate: one sample per
+    transaction (its events share the commit)."""
     samples: list[float] = []
     relay = RelayProcess(settings, "logical", observe_latency=samples.append)
     runner = threading.Thread(target=relay.run)
@@ -197,9 +201,9 @@ def latency(settings: Settings, rate: int, seconds: float) -> dict[str, float]:
         env={**os.environ, "OUTBOX_DB_SCHEMA": settings.db_schema,
              "OUTBOX_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}, check=True,
         capture_output=True, text=True)
-    written = int(writer.stdout.strip())
+    written, transactions = (int(x) for x in writer.stdout.split())
     deadline = time.monotonic() + 30
-    while len(samples) < written and time.monotonic() < deadline:
+    while len(samples) < transactions and time.monotonic() < deadline:
         time.sleep(0.1)
     relay.stop.set()
     runner.join(30)
@@ -208,7 +212,8 @@ def latency(settings: Settings, rate: int, seconds: float) -> dict[str, float]:
     def pct(p: float) -> float:
         return round(ms[min(len(ms) - 1, int(p * len(ms)))], 2)
 
-    return {"rate_per_s": rate, "seconds": seconds, "events": written, "acked": len(ms),
+    return {"rate_per_s": rate, "seconds": seconds, "events": written,
+            "transactions": transactions, "acked_transactions": len(ms),
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(ms[-1], 2)}
 
 
@@ -270,7 +275,17 @@ def measure_modes(base: Settings, events: int) -> dict[str, dict]:
     return out
 
 
-def run(events: int, rate: int, seconds: float, name: str) -> dict:
+def big_transaction(base: Settings, rows: int) -> dict[str, float]:
+    """The logical relay draining one transaction of `rows` small events: memory stays
+    bounded (the producer's queue), the transaction is never held whole."""
+    s = _fresh(base, "bigtx")
+    try:
+        return drain(s, "logical", rows, per_tx=rows, pad=100)
+    finally:
+        _cleanup(s)
+
+
+def run(events: int, rate: int, seconds: float, name: str, big_tx_rows: int) -> dict:
     """Run every part of the benchmark and write the result files.
 
     The headline figures use an in-memory broker, so they measure the relay rather than the
@@ -290,6 +305,8 @@ def run(events: int, rate: int, seconds: float, name: str) -> dict:
         finally:
             _cleanup(s)
         print(f"latency: {result['latency']}", flush=True)
+        result["big_transaction"] = big_transaction(mem, big_tx_rows)
+        print(f"one transaction: {result['big_transaction']}", flush=True)
     result["durable_broker"] = {"broker": f"tansu s3:// at {stack.kafka_bootstrap}",
                                 **measure_modes(stack, events)}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -317,8 +334,12 @@ def render_markdown(r: dict) -> str:
              f"## Broker: {r['durable_broker']['broker']}", "", *_table(r["durable_broker"])]
     a = r["latency"]["ack"]
     lines += ["", f"Commit-to-ack latency, logical relay, {a['rate_per_s']:,} events/s for "
-              f"{a['seconds']} s ({a['acked']:,} events): p50 {a['p50_ms']} ms, "
+              f"{a['seconds']} s ({a['events']:,} events in {a['acked_transactions']:,} "
+              f"transactions): p50 {a['p50_ms']} ms, "
               f"p99 {a['p99_ms']} ms, max {a['max_ms']} ms.", ""]
+    b = r["big_transaction"]
+    lines += [f"One transaction of {b['events']:,} events (~200 B), logical relay: drained at "
+              f"{b['events_per_s']:,} events/s, peak relay RSS {b['rss_mb']} MB.", ""]
     return "\n".join(lines)
 
 
@@ -329,9 +350,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     args = parser.parse_args()
     if args.quick:
-        run(events=5000, rate=500, seconds=5, name="quick")
+        run(events=5000, rate=500, seconds=5, name="quick", big_tx_rows=20_000)
     else:
-        run(events=200_000, rate=2000, seconds=30, name="latest")
+        run(events=200_000, rate=2000, seconds=30, name="latest", big_tx_rows=1_000_000)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Writes outbox events at a steady rate and prints the count: every 10 ms one transaction
-with that tick's events (each commit is a WAL flush; 100 of them a second keep the disk
-from setting the pace)."""
+"""Writes outbox events at a steady rate and prints the counts of events and transactions:
+every 10 ms one transaction with that tick's events (each commit is a WAL flush; 100 of
+them a second keep the disk from setting the pace)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     tick = 0.01  # a small transaction batch every 10 ms keeps the rate smooth
     per_tick = max(1, round(args.rate * tick))
-    written = 0
+    written = transactions = 0
     with psycopg.connect(libpq_dsn(Settings()), autocommit=True) as conn:
         start = time.perf_counter()
         next_at = start
@@ -33,9 +33,10 @@ def main() -> None:
                         " values (gen_random_uuid(), 'bench', %s, 'bench.event',"
                         " jsonb_build_object('pad', repeat('x', 900)))", (str(written % 100),))
                     written += 1
+            transactions += 1
             next_at += tick
             time.sleep(max(0.0, next_at - time.perf_counter()))
-    print(written)
+    print(written, transactions)
 
 
 if __name__ == "__main__":

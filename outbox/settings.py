@@ -29,9 +29,15 @@ class Settings(BaseSettings):
         default=1.0, description="fallback wake-up when no NOTIFY arrives"
     )
     relay_heartbeat_s: float = Field(
-        default=10.0, description="advance an idle slot this often, so it pins no WAL"
+        default=1.0, description="confirm the acknowledged position to the slot (and move an "
+        "idle slot along, so it pins no WAL) this often",
     )
     relay_lock_poll_s: float = Field(default=1.0, description="standby's lock retry interval")
+    relay_backfill_margin_s: float = Field(
+        default=3600.0,
+        description="a recreated slot re-sends rows created this long before the last "
+        "acknowledged commit: the longest transaction it can not miss",
+    )
     outbox_retention_s: int = Field(
         default=86400, description="the janitor deletes published rows older than this"
     )

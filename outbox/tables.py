@@ -57,6 +57,11 @@ relay_slot_table = Table(
     "relay_slot",
     metadata,
     Column("slot_name", Text, primary_key=True),
-    Column("backfill_upto_seq", BigInteger, nullable=False),
+    Column("consistent_lsn", BigInteger, nullable=False),
     Column("backfilled_at", DateTime(timezone=True)),
+    Column("acked_lsn", BigInteger, nullable=False),
+    Column("acked_commit_at", DateTime(timezone=True)),
+    Column("acked_seq", BigInteger, nullable=False, server_default=text("0")),
+    Column("publication_fingerprint", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

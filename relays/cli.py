@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+import psycopg
 
 from outbox.cli import service_arguments
 
@@ -17,10 +21,92 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return serve_relay(get_settings(), args.mode, args.metrics_host, args.metrics_port)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Print the slot, its lag and retained WAL, the publication's tables and the leader;
+    exit 1 when something needs attention."""
+    from outbox.settings import get_settings
+    from relays.admin import relay_status
+
+    try:
+        status = relay_status(get_settings())
+    except psycopg.errors.UndefinedTable:
+        print("outbox relay status: the outbox tables do not exist in schema "
+              f"{get_settings().db_schema!r} (run `outbox migrate`)", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as exc:
+        print(f"outbox relay status: cannot reach the database: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        _print_status(status)
+    return 1 if status["problems"] else 0
+
+
+def _print_status(status: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    slot, ack, waiting = status["slot"] or {}, status["acknowledged"] or {}, \
+        status["unpublished_estimate"]
+    leader = status["leader"]
+    table = Table(title=f"relay of schema {status['schema']!r}", show_header=False)
+    rows = [
+        ("slot", slot.get("slot_name", "(none)")),
+        ("wal status", slot.get("wal_status", "-")),
+        ("confirmed / restart", f"{slot.get('confirmed_flush_lsn', '-')} / "
+                                f"{slot.get('restart_lsn', '-')}"),
+        ("lag (bytes)", str(slot.get("lag_bytes", "-"))),
+        ("retained WAL (bytes)", str(slot.get("retained_wal_bytes", "-"))),
+        ("publication", f"{status['publication']['name']}: "
+                        f"{', '.join(status['publication']['tables']) or '(no tables)'}"),
+        ("leader", "(none)" if leader is None else
+         f"pid {leader['pid']} {leader['application_name'] or ''} "
+         f"{leader['client_addr'] or 'local'} since {leader['backend_start']:%Y-%m-%d %H:%M:%S}"),
+        ("acknowledged", f"{ack.get('acked_lsn', '-')} (commit {ack.get('acked_commit_at')})"),
+        ("waiting (estimate)", f"{waiting['rows']} rows, oldest "
+                               f"{waiting['oldest_s'] or 0:.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    for problem in status["problems"]:
+        print(f"attention: {problem}")
+
+
+def _cmd_drop(_: argparse.Namespace) -> int:
+    """Retire logical decoding for this outbox (slot, publication, record) safely."""
+    from outbox.observability import configure_logging
+    from outbox.settings import get_settings
+    from relays.admin import RelayBusy, drop_relay
+
+    configure_logging("relay-drop")  # JSON lines on stderr; the result goes to stdout
+
+    try:
+        done = drop_relay(get_settings())
+    except RelayBusy as exc:
+        print(f"outbox relay drop: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        print(f"outbox relay drop: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(done))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `relay` to the `outbox` command line."""
-    p = sub.add_parser("relay", help="publish the outbox to Kafka (one active per outbox)")
+    """Add `relay` (and `relay status`, `relay drop`) to the `outbox` command line."""
+    p = sub.add_parser("relay", help="publish the outbox to Kafka (one active per outbox)",
+                       description="Without a subcommand: run the relay until SIGTERM.")
     p.add_argument("--mode", choices=["logical", "poll"], default="logical",
                    help="logical decoding (default) or polling for databases without it")
     service_arguments(p, metrics_port=9464)
     p.set_defaults(func=_cmd_relay)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    s = actions.add_parser("status", help="slot, lag, retained WAL, publication, leader "
+                                          "(exit 1 when something needs attention)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_cmd_status)
+    d = actions.add_parser("drop", help="retire the slot and publication without losing or "
+                                        "repeating an event (stop the relays first)")
+    d.set_defaults(func=_cmd_drop)

@@ -24,10 +24,14 @@ class LeaderLock:
         self._db = ReconnectingConnection(dsn)
         self._name = name
 
-    def acquire(self, should_stop: Callable[[], bool], poll_s: float = 1.0) -> bool:
-        """Block until this process leads (True) or a stop is requested (False)."""
+    def acquire(self, should_stop: Callable[[], bool], poll_s: float = 1.0,
+                attempts: int | None = None) -> bool:
+        """Block until this process leads (True), or a stop is requested or `attempts` tries
+        failed (False)."""
         waiting_logged = False
-        while not should_stop():
+        tries = 0
+        while not should_stop() and (attempts is None or tries < attempts):
+            tries += 1
             try:
                 got = self._db.get().execute(
                     "select pg_try_advisory_lock(hashtextextended(%s, 0))", (self._name,)
@@ -41,7 +45,8 @@ class LeaderLock:
             if not waiting_logged:
                 log.info("standby_waiting", lock=self._name)
                 waiting_logged = True
-            time.sleep(poll_s)
+            if attempts is None or tries < attempts:
+                time.sleep(poll_s)
         return False
 
     def still_held(self) -> bool:

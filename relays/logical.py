@@ -1,194 +1,279 @@
-"""The logical-decoding relay: a pgoutput slot read with the SQL decoding functions.
+"""The logical-decoding relay: a pgoutput slot read through the streaming replication
+protocol, published in commit order.
 
-psycopg 3 has no streaming-replication API, so the relay peeks changes with
-`pg_logical_slot_peek_binary_changes` through a server-side cursor (a huge transaction is
-streamed in chunks, never held whole), publishes them, and calls
-`pg_replication_slot_advance` only after Kafka acknowledged everything up to that commit.
-An idle slot is advanced to a WAL position read *before* an empty peek (heartbeat), so it
-never pins WAL and never skips a transaction that committed meanwhile.
+Each batch reads committed transactions from the stream (up to `relay_batch_size` events,
+or until the stream has nothing more right now), produces every outbox insert to Kafka as
+it is decoded, waits until Kafka acknowledged all of them, and only then treats the
+batch's last commit as acknowledged. That position is recorded in `relay_slot` and sent to
+the server as the flush position at most every `relay_status_interval_s`, so the slot never
+moves past an event Kafka does not have. An idle stream is moved along too (heartbeat): the
+server's reply to a status request says how far it has decoded, and with no transaction
+open, nothing before that position is left to publish.
+
+The pgoutput messages the relay needs (Begin, Relation, Insert, Commit; PostgreSQL docs,
+"Logical Replication Message Formats") are decoded here, on the hot path, straight from
+the frame: column values are byte slices, and the jsonb payload is spliced into the
+envelope without being parsed.
 """
 
 from __future__ import annotations
 
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from operator import itemgetter
 
-import psycopg
 import structlog
-from psycopg.rows import dict_row
 
-from outbox.db import ReconnectingConnection
-from outbox.envelope import OutboxRecord, rfc3339
-from outbox.pg_names import publication_name, slot_name
+from outbox.envelope import OutboxRecord, encode_value, kafka_headers, rfc3339
+from outbox.kafka import topic_name
 from outbox.settings import Settings
-from relays.metrics import OLDEST_UNPUBLISHED_AGE, SLOT_LAG_BYTES
-from relays.pgoutput import Begin, Commit, Insert, Relation, decode, int_to_lsn
 from relays.publisher import BatchPublisher
-from relays.record import SELECT_LIST, record_from_row
+from relays.replication import PG_EPOCH_OFFSET_US, ReplicationConnection
+from relays.slot import SlotKeeper
 
 log = structlog.get_logger(__name__)
 
-RECORD_FIELDS = ("id", "aggregate_type", "aggregate_id", "type", "aggregate_version", "org_id",
-                 "payload", "headers", "created_at")
+# The outbox columns the relay reads from a row, by name.
+REQUIRED_COLUMNS = ("seq", "id", "aggregate_type", "aggregate_id", "type", "aggregate_version",
+                    "org_id", "payload", "headers", "created_at")
 
-PEEK = """
-select data from pg_logical_slot_peek_binary_changes(
-    %(slot)s, %(upto)s::pg_lsn, %(n)s,
-    'proto_version', '1', 'publication_names', %(publication)s)
-"""
+_BEGIN = struct.Struct(">Qqi")  # final LSN, commit time, xid
+_COMMIT = struct.Struct(">BQQq")  # flags, commit LSN, end LSN, commit time
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+
+
+class SchemaMismatch(RuntimeError):
+    """The outbox table no longer has the columns the relay reads: a schema change it
+    cannot decode. The relay stops publishing (loudly) instead of guessing."""
+
+
+class PublicationChanged(RuntimeError):
+    """The publication stopped covering the outbox, or was made again: inserts may have
+    been skipped by the stream, so the slot must be recreated with a backfill."""
+
+
+class _Relation:
+    """The positions of the required columns in one relation's tuples."""
+
+    __slots__ = ("is_outbox", "pick")
+
+    def __init__(self, namespace: str, name: str, columns: list[str], schema: str) -> None:
+        self.is_outbox = namespace == schema and name == "outbox"
+        self.pick: Callable[[list[bytes | None]], tuple[bytes | None, ...]] = tuple
+        if self.is_outbox:
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise SchemaMismatch(
+                    f"the outbox table has no column {', '.join(missing)} (columns now: "
+                    f"{', '.join(columns)}); the relay cannot decode its rows")
+            # The required columns of a row, in REQUIRED_COLUMNS order, in one C call.
+            self.pick = itemgetter(*(columns.index(c) for c in REQUIRED_COLUMNS))
+
+
+def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
+    end = buf.index(b"\x00", pos)
+    return buf[pos:end].decode(), end + 1
+
+
+def _relation(msg: bytes, schema: str) -> tuple[int, _Relation]:
+    (rel_id,) = _U32.unpack_from(msg, 1)
+    namespace, pos = _cstring(msg, 5)
+    name, pos = _cstring(msg, pos)
+    pos += 1  # replica identity
+    (ncols,) = _U16.unpack_from(msg, pos)
+    pos += 2
+    columns = []
+    for _ in range(ncols):
+        column, pos = _cstring(msg, pos + 1)  # after the flags byte
+        columns.append(column)
+        pos += 8  # type oid, type modifier
+    return rel_id, _Relation(namespace, name, columns, schema)
+
+
+def _tuple(msg: bytes, pos: int) -> list[bytes | None]:
+    """The column values of a TupleData at `pos`, as byte slices (None for NULL)."""
+    ncols = (msg[pos] << 8) | msg[pos + 1]
+    pos += 2
+    values: list[bytes | None] = []
+    append = values.append
+    length_at = _U32.unpack_from
+    for _ in range(ncols):
+        if msg[pos] == 0x74:  # 't': text
+            start = pos + 5
+            pos = start + length_at(msg, pos + 1)[0]
+            append(msg[start:pos])
+        else:  # 'n' null, 'u' unchanged TOAST (never in an insert)
+            append(None)
+            pos += 1
+    return values
+
+
+def _record(row: tuple[bytes | None, ...], commit_time: float) -> OutboxRecord:
+    """The row as an OutboxRecord (the slow path, for a row that needs a dead letter)."""
+    _, eid, agg_type, agg_id, etype, version, org, payload, headers, created = row
+    assert eid and agg_type and agg_id and etype and payload and created
+    return OutboxRecord(
+        id=eid.decode(), aggregate_type=agg_type.decode(), aggregate_id=agg_id.decode(),
+        type=etype.decode(), aggregate_version=None if version is None else int(version),
+        org_id=None if org is None else org.decode(), payload_json=payload.decode(),
+        headers_json=(headers or b"{}").decode(), occurred_at=rfc3339(created.decode()),
+        commit_time=commit_time)
 
 
 class LogicalRelay:
-    """Reads committed outbox inserts from the slot and publishes them in commit order."""
+    """Streams committed outbox inserts from the slot and publishes them in commit order."""
 
     mode = "logical"
 
     def __init__(self, settings: Settings, dsn: str, publisher: BatchPublisher) -> None:
         self._settings = settings
+        self._dsn = dsn
         self._publisher = publisher
         self._schema = settings.db_schema
-        self._slot = slot_name(self._schema)
-        self._publication = publication_name(self._schema)
-        self._db = ReconnectingConnection(dsn)
-        # relation id -> positions of the record's fields in that relation's tuples
-        self._positions: dict[int, tuple[int, ...]] = {}
-        self._last_heartbeat = 0.0
-        self._last_stats = 0.0
-
-    @property
-    def conn(self) -> psycopg.Connection:
-        """The relay's database connection (reopened after a loss)."""
-        return self._db.get()
+        self.keeper = SlotKeeper(settings, dsn)
+        self._stream: ReplicationConnection | None = None
+        self._fingerprint = ""
+        self._relations: dict[int, _Relation] = {}
+        self._topics: dict[bytes, str] = {}
+        self.acked_lsn = 0  # every event before it is in Kafka
+        self.acked_seq = 0
+        self._acked_commit_at: float | None = None
+        self._confirmed = 0  # what the server was told
+        self._last_status = 0.0
+        self.oldest_pending_commit: float | None = None  # commit time of the oldest unacked
 
     def setup(self) -> None:
-        """Create the publication and the slot when absent."""
-        conn = self.conn
-        if not conn.execute("select 1 from pg_publication where pubname = %s",
-                            (self._publication,)).fetchone():
-            conn.execute(
-                f'create publication "{self._publication}" for table "{self._schema}".outbox '
-                "with (publish = 'insert')"
-            )
-            log.info("publication_created", publication=self._publication)
-        if not conn.execute("select 1 from pg_replication_slots where slot_name = %s",
-                            (self._slot,)).fetchone():
-            conn.execute("delete from relay_slot where slot_name = %s", (self._slot,))
-            conn.execute("select pg_create_logical_replication_slot(%s, 'pgoutput')",
-                         (self._slot,))
-            log.info("slot_created", slot=self._slot)
-        # Creating the slot waited for every transaction older than its consistent point,
-        # so the rows visible now bound what the slot cannot decode. Recorded once, so a
-        # crash during the backfill repeats the same bounded backfill.
-        conn.execute(
-            "insert into relay_slot (slot_name, backfill_upto_seq) "
-            "select %s, coalesce(max(seq), 0) from outbox on conflict (slot_name) do nothing",
-            (self._slot,))
-        upto, done = conn.execute(
-            "select backfill_upto_seq, backfilled_at from relay_slot where slot_name = %s",
-            (self._slot,)).fetchone()
-        if done is None:
-            self._backfill(upto)
-
-    def _backfill(self, upto: int) -> None:
-        """Publish the rows committed before the slot existed, which it cannot decode.
-
-        Rows up to `upto` that committed after the slot's consistent point are sent twice
-        (harmless), and always before the slot's stream, so per-aggregate order holds.
-        """
-        conn, last_seq, total = self.conn, 0, 0
-        while True:
-            with conn.cursor(row_factory=dict_row) as cur:
-                rows = cur.execute(
-                    f"select {SELECT_LIST} from outbox where published_at is null "
-                    "and seq > %s and seq <= %s order by seq limit %s",
-                    (last_seq, upto, self._settings.relay_batch_size)).fetchall()
-            if not rows:
-                break
-            total += self._publisher.publish(record_from_row(r) for r in rows)
-            last_seq = rows[-1]["seq"]
-        conn.execute("update relay_slot set backfilled_at = now() where slot_name = %s",
-                     (self._slot,))
-        log.info("slot_backfilled", slot=self._slot, events=total, upto_seq=upto)
-
-    def _records(self, cur: psycopg.Cursor, state: dict[str, object]) -> Iterator[OutboxRecord]:
-        commit_time: float | None = None
-        for (data,) in cur:
-            msg = decode(bytes(data))
-            if isinstance(msg, Insert):
-                v = msg.values
-                eid, agg_type, agg_id, etype, version, org, payload, headers, created = (
-                    v[i] for i in self._positions[msg.relation_id])
-                yield OutboxRecord(
-                    id=eid or "",
-                    aggregate_type=agg_type or "",
-                    aggregate_id=agg_id or "",
-                    type=etype or "",
-                    aggregate_version=None if version is None else int(version),
-                    org_id=org,
-                    payload_json=payload or "null",
-                    headers_json=headers or "{}",
-                    occurred_at=rfc3339(created or ""),  # text in UTC: see libpq_dsn
-                    commit_time=commit_time,
-                )
-            elif isinstance(msg, Begin):
-                commit_time = msg.commit_time
-                state.setdefault("first_commit_time", commit_time)
-            elif isinstance(msg, Commit):
-                state["end_lsn"] = msg.end_lsn
-            elif isinstance(msg, Relation):
-                self._positions[msg.relation_id] = tuple(
-                    msg.columns.index(c) for c in RECORD_FIELDS)
+        """Heal the publication, recreate the slot when it cannot be streamed as it is (with
+        a backfill of what the stream will not carry), and start streaming."""
+        self.close()
+        self._fingerprint = self.keeper.ensure_publication()
+        reason = self.keeper.why_recreate(self._fingerprint)
+        if reason is None:
+            record = self.keeper.record()
+            assert record is not None
+            stream, start = ReplicationConnection(self._dsn), 0
+            self.acked_lsn = self._confirmed = record.acked_lsn
+            self.acked_seq = record.acked_seq
+        else:
+            stream, start = self.keeper.recreate(reason, self._fingerprint, self._publisher)
+            self.acked_lsn = self._confirmed = start
+        try:
+            stream.start(self.keeper.slot, self.keeper.publication, start)
+        except BaseException:
+            stream.close()
+            raise
+        self._stream = stream
+        self._relations.clear()
+        log.info("stream_started", slot=self.keeper.slot, from_lsn=self.acked_lsn)
 
     def run_once(self) -> int:
-        """Publish one batch of committed transactions; 0 when there was nothing to do."""
-        conn = self.conn
-        # The flush position, not the write position: decoding only sees flushed WAL, and an
-        # empty peek up to this point is what makes the heartbeat advance safe.
-        target = conn.execute("select pg_current_wal_flush_lsn()::text").fetchone()[0]
-        state: dict[str, object] = {}
-        with conn.transaction(), conn.cursor(name="outbox_peek") as cur:
-            cur.itersize = 2000
-            cur.execute(PEEK, {"slot": self._slot, "upto": target,
-                               "n": self._settings.relay_batch_size,
-                               "publication": self._publication})
-            count = self._publisher.publish(self._records(cur, state))
-        end_lsn = state.get("end_lsn")
-        if end_lsn is not None:
-            # Every message up to this commit is acknowledged: now the slot may move.
-            conn.execute("select pg_replication_slot_advance(%s, %s::pg_lsn)",
-                         (self._slot, int_to_lsn(int(end_lsn))))
-            log.debug("slot_advanced", events=count, lsn=int_to_lsn(int(end_lsn)))
-            first = state.get("first_commit_time")
-            OLDEST_UNPUBLISHED_AGE.set(max(0.0, time.time() - float(first)) if first else 0.0)
-        else:
-            OLDEST_UNPUBLISHED_AGE.set(0.0)
-            self._heartbeat(target)
-        self._refresh_stats()
-        return count
+        """Publish one batch of committed transactions; 0 when there was nothing to do (after
+        waiting up to `relay_poll_interval_s` for something to arrive)."""
+        assert self._stream is not None, "setup() first"
+        stream, publisher = self._stream, self._publisher
+        schema, relations, topics = self._schema, self._relations, self._topics
+        limit = self._settings.relay_batch_size
+        events = 0
+        in_txn = False
+        commit_time = 0.0
+        batch_end: int | None = None
+        batch_seq = 0
+        last_commit_time: float | None = None
+        commit_times: list[float] = []
+        wait = self._settings.relay_poll_interval_s
+        while True:
+            frame = stream.read(wait if not in_txn and events == 0 else (5.0 if in_txn else 0))
+            if frame is None:
+                if in_txn:
+                    continue  # a transaction is still arriving
+                break
+            msg = frame
+            tag = msg[0]
+            if tag == 0x49:  # 'I' insert
+                rel = relations[_U32.unpack_from(msg, 1)[0]]
+                if not rel.is_outbox:
+                    continue
+                row = rel.pick(_tuple(msg, 6))
+                seq, eid, agg_type, agg_id, etype, version, org, payload, headers, created = row
+                try:
+                    event_id, event_type = eid.decode(), etype.decode()
+                    value = encode_value(
+                        id=event_id, type=event_type, aggregate_type=agg_type.decode(),
+                        aggregate_id=agg_id.decode(),
+                        aggregate_version=None if version is None else int(version),
+                        org_id=None if org is None else org.decode(),
+                        occurred_at=rfc3339(created.decode()), payload_json=payload)
+                    hdrs = kafka_headers(event_id, event_type, headers)
+                except (AttributeError, ValueError) as exc:
+                    raise SchemaMismatch(f"an outbox row the relay cannot decode: {exc}") from exc
+                topic = topics.get(agg_type) or self._topic(agg_type)
+                if not publisher.send_encoded(topic, agg_id, value, hdrs):
+                    publisher.send(_record(row, commit_time))  # too large: dead-lettered
+                events += 1
+                if int(seq) > batch_seq:
+                    batch_seq = int(seq)
+            elif tag == 0x42:  # 'B'
+                in_txn = True
+                commit_time = (_BEGIN.unpack_from(msg, 1)[1] + PG_EPOCH_OFFSET_US) / 1e6
+                if self.oldest_pending_commit is None:
+                    self.oldest_pending_commit = commit_time
+            elif tag == 0x43:  # 'C'
+                in_txn = False
+                batch_end = _COMMIT.unpack_from(msg, 1)[2]
+                last_commit_time = commit_time
+                commit_times.append(commit_time)
+                if events >= limit:
+                    break
+                wait = 0
+            elif tag == 0x52:  # 'R'
+                rel_id, relation = _relation(msg, schema)
+                relations[rel_id] = relation
+        if batch_end is not None:
+            publisher.settle()
+            now = time.time()
+            for t in commit_times:
+                publisher.observe_latency(max(0.0, now - t))
+            self.acked_lsn = max(self.acked_lsn, batch_end)
+            self.acked_seq = max(self.acked_seq, batch_seq)
+            self._acked_commit_at = last_commit_time or self._acked_commit_at
+            self.oldest_pending_commit = None
+        elif stream.server_wal_end > self.acked_lsn:
+            # Idle, nothing open: everything the server decoded so far was sent and acked.
+            self.acked_lsn = stream.server_wal_end
+        self._confirm()
+        return events
 
-    def _heartbeat(self, idle_lsn: str) -> None:
-        """Nothing committed before `idle_lsn` is left: move the slot there."""
-        now = time.monotonic()
-        if now - self._last_heartbeat < self._settings.relay_heartbeat_s:
-            return
-        self._last_heartbeat = now
-        self.conn.execute(
-            "select pg_replication_slot_advance(slot_name, %s::pg_lsn) from pg_replication_slots"
-            " where slot_name = %s and confirmed_flush_lsn < %s::pg_lsn",
-            (idle_lsn, self._slot, idle_lsn),
-        )
+    def _topic(self, aggregate_type: bytes) -> str:
+        topic = topic_name(self._settings.topic_prefix, aggregate_type.decode())
+        self._publisher.ensure_topic(topic)
+        self._topics[aggregate_type] = topic
+        return topic
 
-    def _refresh_stats(self) -> None:
+    def _confirm(self) -> None:
+        """Tell the server the acknowledged position (recorded first), checking that the
+        publication still covers the outbox: a gap must never be confirmed."""
+        stream = self._stream
+        assert stream is not None
         now = time.monotonic()
-        if now - self._last_stats < 2.0:
+        due = now - self._last_status >= self._settings.relay_heartbeat_s
+        if not (due or stream.request_status):
             return
-        self._last_stats = now
-        row = self.conn.execute(
-            "select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
-            " from pg_replication_slots where slot_name = %s", (self._slot,)).fetchone()
-        if row and row[0] is not None:
-            SLOT_LAG_BYTES.set(row[0])
+        self._last_status = now
+        if self.acked_lsn > self._confirmed:
+            if self.keeper.fingerprint() != self._fingerprint:
+                raise PublicationChanged("the publication no longer covers the outbox as it "
+                                         "did when the slot was made")
+            self.keeper.save_ack(self.acked_lsn, self._acked_commit_at, self.acked_seq)
+            self._confirmed = self.acked_lsn
+        # Asking for a reply makes the server report how far it has decoded (heartbeat).
+        stream.send_status(self._confirmed, reply=True)
 
     def close(self) -> None:
-        """Close the database connection (the slot stays, at its last advanced position)."""
-        self._db.close()
+        """Close the stream and the keeper's connection (the slot stays where it was
+        confirmed)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self.keeper.close()

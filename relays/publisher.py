@@ -1,5 +1,15 @@
-"""The shared publish step: an idempotent confluent-kafka producer that sends a batch
-asynchronously and reports success only when every message of it was acknowledged."""
+"""The shared publish step: an idempotent producer that sends records as they come and
+settles a batch only when Kafka acknowledged every message of it.
+
+- No message ever times out (`message.timeout.ms = 0`): during a broker outage of any length
+  librdkafka keeps every message queued and retries it in order, so per-aggregate order
+  holds; a batch that is re-sent after a restart repeats versions, it never skips ahead.
+- Delivery reports come only for failures (`delivery.report.only.error`): no Python call per
+  message. A message the broker refuses for good (too large for the topic, authorization,
+  an unknown topic) goes to `<topic>.dlq.relay` with the reason, and the rest flows.
+- A fatal producer error (fencing, an idempotence failure) raises ProducerFatal: the caller
+  replaces the producer and publishes again from the last acknowledged position.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +27,21 @@ from relays.metrics import PUBLISH_LATENCY
 
 log = structlog.get_logger(__name__)
 
+DLQ_SUFFIX = ".dlq.relay"
+# Reports that say the message was withdrawn by this process (a stop), not refused.
+_WITHDRAWN = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+
 
 class PublishError(RuntimeError):
     """Some message of the batch was not acknowledged: the position must not move."""
 
 
+class ProducerFatal(PublishError):
+    """The producer cannot go on (fenced, or its idempotence state is broken)."""
+
+
 class BatchPublisher:
-    """Publishes batches of outbox records; `publish` returns only when all are acked."""
+    """Sends outbox records; `settle` returns only when all sent so far are acknowledged."""
 
     def __init__(
         self,
@@ -32,96 +50,158 @@ class BatchPublisher:
         stop_requested: Callable[[], bool],
         observe_latency: Callable[[float], None] = PUBLISH_LATENCY.observe,
         on_dead_letter: Callable[[], None] = lambda: None,
+        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
     ) -> None:
         self._prefix = settings.topic_prefix
-        self._observe_latency = observe_latency
-        self._producer = Producer(producer_config(settings))
+        self.observe_latency = observe_latency
+        self._producer = producer_factory(producer_config(
+            settings,
+            **{"message.timeout.ms": 0, "delivery.report.only.error": True,
+               "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 65_536,
+               "on_delivery": self._on_failed_delivery, "error_cb": self._on_error}))
         self._topics = TopicManager(settings)
         self._stop_requested = stop_requested
         self._on_dead_letter = on_dead_letter
-        self._errors: list[str] = []
-        self._pending = 0
+        self._refused: list[tuple[KafkaError, Any]] = []
+        self._failed: list[str] = []
+        self._fatal: str | None = None
+        self._sent = 0
         self._acks_awaited_since: float | None = None
 
-    def _on_delivery(self, err: KafkaError | None, msg: Any, commit_time: float | None) -> None:
-        self._pending -= 1
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
-        elif commit_time is not None:
-            self._observe_latency(max(0.0, time.time() - commit_time))
+    def _on_failed_delivery(self, err: KafkaError, msg: Any) -> None:
+        if err.code() in _WITHDRAWN:
+            return
+        if err.fatal():
+            self._fatal = str(err)
+        elif (msg.topic() or "").endswith(DLQ_SUFFIX) or err.retriable():
+            self._failed.append(f"{msg.topic()}: {err}")
+        else:
+            self._refused.append((err, msg))
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = str(err)
+            log.error("producer_fatal", error=str(err))
+        else:  # connection trouble: librdkafka retries on its own
+            log.warning("producer_error", error=str(err))
+
+    def send(self, rec: OutboxRecord) -> None:
+        """Produce one record (key = aggregate id) without waiting for it."""
+        topic = rec.topic(self._prefix)
+        self._topics.ensure(topic)
+        try:
+            self._produce(topic, rec.aggregate_id.encode(), rec.value(), rec.kafka_headers())
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            # It can never be sent: park it where it is visible, and go on.
+            self._dead_letter(topic, rec.aggregate_id.encode(), rec.without_payload().value(),
+                              rec.kafka_headers(), f"too large for the broker: {exc.args[0].str()}",
+                              payload_omitted=True)
+        self._sent += 1
+        if self._sent % 1000 == 0:  # serve callbacks now and then, not per message
+            self._producer.poll(0)
+
+    def ensure_topic(self, topic: str) -> None:
+        """Create the topic unless it exists."""
+        self._topics.ensure(topic)
+
+    def send_encoded(self, topic: str, key: bytes, value: bytes, headers: list[Any]) -> bool:
+        """Produce an already encoded record (the streaming relay's path; `topic` must have
+        been ensured). False when it is too large for the producer: the caller then hands
+        it to `send`, which dead-letters it."""
+        try:
+            self._produce(topic, key, value, headers)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            return False
+        self._sent += 1
+        if self._sent % 1000 == 0:
+            self._producer.poll(0)
+        return True
 
     def publish(self, records: Iterable[OutboxRecord], grace_s: float = 10.0) -> int:
-        """Send every record (key = aggregate id) and wait for all acknowledgements.
-
-        Raises PublishError when any message failed, or when a stop was requested and the
-        acknowledgements did not arrive within `grace_s`: the caller must then not advance.
-        """
-        self._errors.clear()
+        """Send every record and settle; return how many were sent."""
         count = 0
         for rec in records:
-            topic = rec.topic(self._prefix)
-            self._topics.ensure(topic)
-            try:
-                self._produce(topic, rec, rec.kafka_headers())
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise
-                # It can never be sent: park it where it is visible, and go on.
-                self._dead_letter(topic, rec, f"too large for the broker: {exc.args[0].str()}")
+            self.send(rec)
             count += 1
-            if count % 1000 == 0:  # serve delivery callbacks now and then, not per message
-                self._producer.poll(0)
-        self._wait_for_acks(grace_s)
-        if self._errors:
-            first = self._errors[0]
-            raise PublishError(f"{len(self._errors)} of {count} messages failed, first: {first}")
+        self.settle(grace_s)
         return count
 
-    def _produce(self, topic: str, rec: OutboxRecord, headers: list[tuple[str, bytes]]) -> None:
-        ct = rec.commit_time
+    def settle(self, grace_s: float = 10.0) -> None:
+        """Wait until every message sent so far is acknowledged, dead-lettering those the
+        broker refused for good. Raises ProducerFatal, or PublishError when a stop was
+        requested and the acknowledgements did not come within `grace_s`: the caller must
+        then not move its position."""
+        self._wait_for_acks(grace_s)
+        while self._refused:
+            refused, self._refused = self._refused, []
+            for err, msg in refused:
+                self._dead_letter(msg.topic(), msg.key(), msg.value(), msg.headers() or [],
+                                  f"refused by the broker: {err.str()}")
+            self._wait_for_acks(grace_s)
+        if self._failed:
+            failed, self._failed = self._failed, []
+            raise PublishError(f"{len(failed)} messages failed, first: {failed[0]}")
+        self._sent = 0
+
+    def _produce(self, topic: str, key: bytes, value: bytes, headers: list[Any]) -> None:
         while True:
             try:
-                self._producer.produce(
-                    topic,
-                    key=rec.aggregate_id.encode(),
-                    value=rec.value(),
-                    headers=headers,
-                    on_delivery=lambda err, msg: self._on_delivery(err, msg, ct),
-                )
-                break
+                self._producer.produce(topic, value, key, headers=headers)
+                return
             except BufferError:  # local queue full: bounded memory, wait for acks
                 self._producer.poll(0.05)
-        self._pending += 1
+                self._raise_if_fatal()
 
-    def _dead_letter(self, topic: str, rec: OutboxRecord, reason: str) -> None:
+    def _dead_letter(self, topic: str, key: bytes, value: bytes, headers: list[Any],
+                     reason: str, payload_omitted: bool = False) -> None:
         dead = dlq_topic(topic, "relay")
         self._topics.ensure(dead)
-        headers = [("reason", reason.encode()), ("source_topic", topic.encode()),
-                   ("payload_omitted", b"true"), *rec.kafka_headers()]
-        self._produce(dead, rec.without_payload(), headers)
+        own = [("reason", reason.encode()), ("source_topic", topic.encode())]
+        if payload_omitted:
+            own.append(("payload_omitted", b"true"))
+        self._produce(dead, key, value, own + [h for h in headers if h[0] not in
+                                               {"reason", "source_topic"}])
         self._on_dead_letter()
-        log.error("row_dead_lettered", topic=dead, id=rec.id, reason=reason)
+        ids = [v for k, v in headers if k == "id"]
+        log.error("row_dead_lettered", topic=dead, id=ids[0].decode() if ids else None,
+                  reason=reason)
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise ProducerFatal(f"the producer cannot go on: {self._fatal}")
 
     def _wait_for_acks(self, grace_s: float) -> None:
         stop_deadline: float | None = None
         self._acks_awaited_since = time.monotonic()
         try:
-            while self._pending > 0:
-                self._producer.flush(0.5)
+            while self._producer.flush(0.5) > 0:
+                self._raise_if_fatal()
                 if self._stop_requested():
                     stop_deadline = stop_deadline or time.monotonic() + grace_s
                     if time.monotonic() > stop_deadline:
-                        raise PublishError(
-                            f"stopping with {self._pending} messages unacknowledged")
+                        raise PublishError(f"stopping with {len(self._producer)} messages "
+                                           "unacknowledged")
+            self._raise_if_fatal()
         finally:
             self._acks_awaited_since = None
 
     def seconds_awaiting_acks(self) -> float:
-        """How long the batch in hand has waited for the broker (0 when none waits); the
-        producer itself retries until `message.timeout.ms`, so an outage shows here first."""
+        """How long the batch in hand has waited for the broker (0 when none waits): the
+        producer retries for as long as an outage lasts, so it shows here."""
         since = self._acks_awaited_since
         return 0.0 if since is None else time.monotonic() - since
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush what is left and release the producer."""
-        self._producer.flush(timeout_s)
+        """Deliver what is left within `timeout_s`, withdraw the rest, release the producer
+        (the position was never moved past what is withdrawn)."""
+        if self._fatal is None:
+            self._producer.flush(timeout_s)
+        self._producer.purge()
+        self._producer.flush(0)
+        # The producer holds this object's callbacks: dropping it breaks the cycle, so its
+        # threads end now rather than at the next garbage collection.
+        self._producer = None  # type: ignore[assignment]

@@ -1,4 +1,15 @@
-"""Running a relay as a process: election, wake-ups, retries, janitor, graceful stop."""
+"""Running a relay as a process: election, retries, health, janitor, graceful stop.
+
+Failures and what the relay does about them:
+- Kafka or PostgreSQL unreachable, a batch not acknowledged: retried with backoff, the
+  stream restarted from the last confirmed position (duplicates, never loss).
+- A fatal producer (fenced): the producer is replaced and publishing resumes from the last
+  acknowledged position.
+- The publication changed under the slot: the slot is recreated with a backfill.
+- A schema change the relay cannot decode: it stops publishing, reports `schema_mismatch`
+  on /healthz with the reason, logs it, and tries again every `SCHEMA_RETRY_S` (the process
+  stays up: no crash loop, the slot keeps its position).
+"""
 
 from __future__ import annotations
 
@@ -11,13 +22,13 @@ import psycopg
 import structlog
 from confluent_kafka import KafkaException
 
-from outbox.db import ReconnectingConnection, libpq_dsn
+from outbox.db import libpq_dsn
 from outbox.observability import serve_until_stopped
-from outbox.pg_names import notify_channel, relay_lock_name
+from outbox.pg_names import relay_lock_name, slot_name
 from outbox.settings import Settings
 from relays.election import LeaderLock
 from relays.janitor import purge_outbox
-from relays.logical import LogicalRelay
+from relays.logical import LogicalRelay, PublicationChanged, SchemaMismatch
 from relays.metrics import (
     BATCHES,
     DEAD_LETTERS,
@@ -27,7 +38,9 @@ from relays.metrics import (
     PUBLISH_LATENCY,
 )
 from relays.poll import PollRelay
-from relays.publisher import BatchPublisher, PublishError
+from relays.publisher import BatchPublisher, ProducerFatal, PublishError
+from relays.replication import ReplicationError
+from relays.stats import StatsSampler
 
 log = structlog.get_logger(__name__)
 
@@ -35,42 +48,19 @@ MODES = ("logical", "poll")
 # A batch waiting longer than this for acknowledgements means the broker is not taking
 # writes (a healthy broker acknowledges a full batch within a few seconds).
 ACK_STALL_S = 15.0
+SCHEMA_RETRY_S = 30.0
+RETRIABLE = (PublishError, KafkaException, psycopg.Error, ReplicationError, OSError)
 
 
 class Relay(Protocol):
-    """A relay mode: `setup` once per leadership, then `run_once` per batch."""
+    """A relay mode: `setup` once per leadership (and after a failure), then `run_once`
+    per batch (it waits for work itself when there is none)."""
 
     mode: str
 
     def setup(self) -> None: ...
     def run_once(self) -> int: ...
     def close(self) -> None: ...
-
-
-class Waker:
-    """Blocks until the outbox trigger's NOTIFY arrives, or the fallback interval passes."""
-
-    def __init__(self, dsn: str, schema: str) -> None:
-        self._db = ReconnectingConnection(dsn)
-        self._channel = notify_channel(schema)
-
-    def wait(self, timeout: float) -> None:
-        """Return on a notification or after `timeout` seconds."""
-        try:
-            fresh = not self._db.is_open
-            conn = self._db.get()
-            if fresh:
-                conn.execute(f'listen "{self._channel}"')
-            for _ in conn.notifies(timeout=timeout, stop_after=1):
-                pass
-        except psycopg.Error as exc:
-            log.warning("listen_failed", error=str(exc))
-            self._db.close()
-            time.sleep(timeout)
-
-    def close(self) -> None:
-        """Close the LISTEN connection."""
-        self._db.close()
 
 
 class RelayProcess:
@@ -82,6 +72,7 @@ class RelayProcess:
         mode: str,
         stop: threading.Event | None = None,
         observe_latency: Callable[[float], None] = PUBLISH_LATENCY.observe,
+        publisher_factory: Callable[..., BatchPublisher] = BatchPublisher,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -93,18 +84,22 @@ class RelayProcess:
         self.last_batch_at: float | None = None
         self.failing_since: float | None = None  # first of the current run of errors
         self.last_error: str | None = None
+        self.problem: str | None = None  # a condition that needs a person: schema_mismatch
+        self.producers_replaced = 0
         self._publisher: BatchPublisher | None = None
         self._observe_latency = observe_latency
+        self._publisher_factory = publisher_factory
 
     def health(self) -> dict[str, object]:
         """Healthy as leader or standby (the report says which); `failing` (HTTP 503) while
         every attempt to publish fails or a batch waits for acknowledgements that do not
-        come, e.g. during a broker outage."""
+        come (a broker outage); `schema_mismatch` while the outbox cannot be decoded."""
         publisher = self._publisher
         stalled = publisher is not None and publisher.seconds_awaiting_acks() > ACK_STALL_S
         failing = self.failing_since is not None or stalled
-        return {"status": "failing" if failing else "ok",
-                "mode": self.mode, "role": "leader" if self.leader else "standby",
+        status = self.problem or ("failing" if failing else "ok")
+        return {"status": status, "mode": self.mode,
+                "role": "leader" if self.leader else "standby",
                 "last_batch_at": self.last_batch_at, "failing_since": self.failing_since,
                 "last_error": self.last_error}
 
@@ -119,30 +114,47 @@ class RelayProcess:
         relay then stops publishing and waits as a standby again.
         """
         lock = LeaderLock(self.dsn, relay_lock_name(self.settings.db_schema))
-        while lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
-            self.leader = True
-            IS_LEADER.set(1)
-            publisher = BatchPublisher(
-                self.settings, stop_requested=self.stop.is_set,
-                observe_latency=self._observe_latency,
-                on_dead_letter=DEAD_LETTERS.labels(self.mode).inc)
-            self._publisher = publisher
-            relay = self._make_relay(publisher)
-            waker = Waker(self.dsn, self.settings.db_schema)
-            try:
-                self._lead(relay, waker, lock)
-            finally:
-                relay.close()
-                waker.close()
-                publisher.close()
-                self._publisher = None
-                lock.release()
-                self.leader = False
-                IS_LEADER.set(0)
+        stats = StatsSampler(self.dsn, self.settings.db_schema, self.mode)
+        stats.start()
+        try:
+            while lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
+                self.leader = True
+                IS_LEADER.set(1)
+                try:
+                    while self._lead_with_a_producer(lock):
+                        self.producers_replaced += 1
+                finally:
+                    lock.release()
+                    self.leader = False
+                    IS_LEADER.set(0)
+        finally:
+            stats.stop()
         log.info("relay_stopped", mode=self.mode)
         return 0
 
-    def _lead(self, relay: Relay, waker: Waker, lock: LeaderLock) -> None:
+    def _lead_with_a_producer(self, lock: LeaderLock) -> bool:
+        """Lead with one producer; True when it turned fatal and must be replaced."""
+        publisher = self._publisher_factory(
+            self.settings, stop_requested=self.stop.is_set,
+            observe_latency=self._observe_latency,
+            on_dead_letter=DEAD_LETTERS.labels(self.mode).inc)
+        self._publisher = publisher
+        relay = self._make_relay(publisher)
+        try:
+            self._lead(relay, lock)
+            return False
+        except ProducerFatal as exc:
+            PUBLISH_ERRORS.labels(self.mode).inc()
+            self.failing_since = self.failing_since or time.time()
+            self.last_error = str(exc)[:300]
+            log.error("producer_replaced", error=str(exc)[:300])
+            return not self.stop.is_set()
+        finally:
+            relay.close()
+            publisher.close()
+            self._publisher = None
+
+    def _lead(self, relay: Relay, lock: LeaderLock) -> None:
         """Publish until stopped or until the lock is lost."""
         backoff = 0.0
         ready = False
@@ -157,6 +169,7 @@ class RelayProcess:
                 if not ready:
                     relay.setup()
                     ready = True
+                    self.problem = None
                     log.info("relay_started", mode=self.mode, schema=self.settings.db_schema)
                 count = relay.run_once()
                 backoff = 0.0
@@ -165,24 +178,39 @@ class RelayProcess:
                     self.last_batch_at = time.time()
                     EVENTS_PUBLISHED.labels(self.mode).inc(count)
                     BATCHES.labels(self.mode).inc()
-                    continue
-                if time.monotonic() > next_janitor:
+                elif time.monotonic() > next_janitor:
                     self._janitor()
                     next_janitor = time.monotonic() + self.settings.janitor_interval_s
-                waker.wait(self.settings.relay_poll_interval_s)
-            except (PublishError, KafkaException, psycopg.Error, OSError) as exc:
-                PUBLISH_ERRORS.labels(self.mode).inc()
-                self.failing_since = self.failing_since or time.time()
-                self.last_error = str(exc)[:300]
-                if isinstance(exc, psycopg.Error):
-                    ready = False
+            except ProducerFatal:
+                raise
+            except SchemaMismatch as exc:
+                ready = False
+                self._fail(exc)
+                self.problem = "schema_mismatch"
+                log.error("relay_schema_mismatch", error=str(exc),
+                          action=f"publishing stopped; retrying in {SCHEMA_RETRY_S:.0f}s")
+                self.stop.wait(SCHEMA_RETRY_S)
+            except PublicationChanged as exc:
+                ready = False
+                self._fail(exc)
+                log.error("publication_changed", error=str(exc), action="recreating the slot")
+            except RETRIABLE as exc:
+                ready = False
+                self._fail(exc)
                 backoff = min(max(backoff * 2, 0.5), 10.0)
                 log.warning("relay_retry", error=str(exc)[:300], backoff_s=backoff)
                 self.stop.wait(backoff)
 
+    def _fail(self, exc: Exception) -> None:
+        PUBLISH_ERRORS.labels(self.mode).inc()
+        self.failing_since = self.failing_since or time.time()
+        self.last_error = str(exc)[:300]
+
     def _janitor(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            deleted = purge_outbox(conn, self.mode, self.settings.outbox_retention_s)
+            deleted = purge_outbox(conn, self.mode, self.settings.outbox_retention_s,
+                                   slot=slot_name(self.settings.db_schema),
+                                   margin_s=self.settings.relay_backfill_margin_s)
         if deleted:
             log.info("outbox_purged", rows=deleted)
 

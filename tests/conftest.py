@@ -123,3 +123,29 @@ def api(api_settings: AppSettings) -> Iterator:
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
     app.state.ctx.engine.dispose()
+
+
+@pytest.fixture
+def relay_settings(migrated: AppSettings) -> AppSettings:
+    """This test's settings, with a relay that reacts within a second."""
+    return migrated.model_copy(update={"relay_poll_interval_s": 0.2, "relay_lock_poll_s": 0.3,
+                                       "relay_heartbeat_s": 0.5})
+
+
+@pytest.fixture
+def relays(relay_settings: AppSettings, tmp_path) -> Iterator:
+    """Start relay processes; all are stopped, and the slot dropped, after the test."""
+    from tests.relay_harness import RelayProc, drop_slot_and_publication
+
+    started: list[RelayProc] = []
+
+    def start(mode: str, **extra_env: str) -> RelayProc:
+        proc = RelayProc(relay_settings, mode, tmp_path / f"relay-{len(started)}.log",
+                         **extra_env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for p in started:
+        p.stop()
+    drop_slot_and_publication(relay_settings)

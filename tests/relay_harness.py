@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import requests
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import text
@@ -22,6 +23,8 @@ from sqlalchemy.engine import Engine
 
 from app.settings import AppSettings
 from outbox import emit
+from outbox.db import libpq_dsn
+from outbox.pg_names import publication_name, slot_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,6 +158,8 @@ class RelayProc:
 
     def __init__(self, settings: AppSettings, mode: str, log_path: Path, **extra_env: str):
         env = {**os.environ, **settings_env(settings), **extra_env}
+        self.settings = settings
+        self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.port = free_port()
         self.proc = subprocess.Popen(
@@ -191,6 +196,23 @@ class RelayProc:
             self.proc.kill()
             self.proc.wait(10)
         self.log.close()
+
+
+def drop_slot_and_publication(settings: AppSettings) -> None:
+    """Remove what a logical relay of these settings made in the database (tests' cleanup:
+    a slot left behind would pin WAL for every later test)."""
+    with psycopg.connect(libpq_dsn(settings), autocommit=True) as conn:
+        conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots "
+                     "where slot_name = %s", (slot_name(settings.db_schema),))
+        conn.execute(f'drop publication if exists "{publication_name(settings.db_schema)}"')
+
+
+def superuser() -> psycopg.Connection:
+    """A superuser session of the stack's cluster (local socket, trust), for faults only an
+    administrator can cause: server settings, checkpoints, invalidating a slot."""
+    return psycopg.connect(host=os.environ["OUTBOX_PG_SOCKET_DIR"],
+                           port=int(os.environ.get("OUTBOX_PG_PORT", "15432")),
+                           user="postgres", dbname="outbox", autocommit=True)
 
 
 def settings_env(settings: AppSettings) -> dict[str, str]:

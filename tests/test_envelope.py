@@ -6,17 +6,14 @@ import json
 import uuid
 from datetime import datetime
 
-import psycopg
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from outbox import emit
-from outbox.db import libpq_dsn
 from outbox.envelope import SCHEMA_VERSION, EventEnvelope, OutboxRecord
 from outbox.kafka import topic_name
-from outbox.pg_names import publication_name, slot_name
-from tests.relay_harness import RelayProc
+from tests.relay_harness import RelayProc, drop_slot_and_publication
 
 PAYLOAD = {"title": "超市收据 \"quoted\" \\ back", "n": 7, "f": 1.5, "none": None,
            "nested": {"list": [1, "two", {"three": 3}], "empty": {}}, "emoji": "📷"}
@@ -44,10 +41,7 @@ def test_what_the_relay_encodes_is_what_a_projector_decodes(mode, migrated, engi
         consumer.close()
     finally:
         relay.stop()
-        with psycopg.connect(libpq_dsn(migrated), autocommit=True) as conn:
-            conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
-                         " where slot_name = %s", (slot_name(migrated.db_schema),))
-            conn.execute(f'drop publication if exists "{publication_name(migrated.db_schema)}"')
+        drop_slot_and_publication(migrated)
     env = EventEnvelope.from_json(msg.value)
     assert env.id == event_id
     assert (env.type, env.aggregate_type, env.aggregate_id, env.aggregate_version,

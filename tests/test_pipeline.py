@@ -19,14 +19,14 @@ from sqlalchemy import create_engine, func, select, text
 from app.api.app import create_app
 from app.sample_images import text_image
 from app.settings import AppSettings
-from outbox.db import libpq_dsn, make_engine
+from outbox.db import make_engine
 from outbox.kafka import dlq_topic
 from outbox.migrate import migrate
-from outbox.pg_names import publication_name, slot_name
 from outbox.tables import outbox_table
 from tests.auth import API_KEYS, AUTH_A
 from tests.images import upload
 from tests.pipeline_harness import PROJECTOR_NAMES, Pipeline, metric, wait_for
+from tests.relay_harness import drop_slot_and_publication
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +44,7 @@ def cfg():
                     max_upload_bytes=2_000_000)
     migrate(s)
     yield s
-    import psycopg
-    with psycopg.connect(libpq_dsn(s), autocommit=True) as conn:
-        conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots "
-                     "where slot_name = %s", (slot_name(s.db_schema),))
-        conn.execute(f'drop publication if exists "{publication_name(s.db_schema)}"')
+    drop_slot_and_publication(s)
     engine = create_engine(s.database_url)
     with engine.begin() as conn:
         conn.execute(text(f'drop schema "{s.db_schema}" cascade'))

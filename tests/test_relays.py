@@ -14,11 +14,10 @@ from sqlalchemy import text
 from outbox import emit
 from outbox.db import libpq_dsn
 from outbox.kafka import dlq_topic
-from outbox.pg_names import publication_name, relay_lock_name, slot_name
+from outbox.pg_names import relay_lock_name, slot_name
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
     LoadResult,
-    RelayProc,
     create_counter_table,
     order_violations,
     read_topic,
@@ -27,31 +26,6 @@ from tests.relay_harness import (
 )
 
 MODES = ["logical", "poll"]
-
-
-@pytest.fixture
-def relay_settings(migrated):
-    return migrated.model_copy(update={"relay_poll_interval_s": 0.2, "relay_lock_poll_s": 0.3,
-                                       "relay_heartbeat_s": 0.5})
-
-
-@pytest.fixture
-def relays(relay_settings, tmp_path):
-    """Start relay processes; all are stopped, and the slot dropped, after the test."""
-    started: list[RelayProc] = []
-
-    def start(mode: str) -> RelayProc:
-        proc = RelayProc(relay_settings, mode, tmp_path / f"relay-{len(started)}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for p in started:
-        p.stop()
-    with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:
-        conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots "
-                     "where slot_name = %s", (slot_name(relay_settings.db_schema),))
-        conn.execute(f'drop publication if exists "{publication_name(relay_settings.db_schema)}"')
 
 
 def _topic(settings) -> str:

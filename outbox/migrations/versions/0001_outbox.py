@@ -42,12 +42,20 @@ CREATE TABLE processed_event (
 );
 """
 
-# The rows a new slot cannot decode (committed before its snapshot), and whether they went.
+# The logical relay's own record of its slot (WAL positions as integers): when it was made
+# and whether the rows from before it were backfilled, what Kafka acknowledged last, and
+# the publication it was made for. The slot's confirmed position never passes `acked_lsn`,
+# which tells a foreign or recreated slot apart from the relay's own.
 RELAY_SLOT = """
 CREATE TABLE relay_slot (
     slot_name text PRIMARY KEY,
-    backfill_upto_seq bigint NOT NULL,
-    backfilled_at timestamptz
+    consistent_lsn bigint NOT NULL,
+    backfilled_at timestamptz,
+    acked_lsn bigint NOT NULL,
+    acked_commit_at timestamptz,
+    acked_seq bigint NOT NULL DEFAULT 0,
+    publication_fingerprint text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
 );
 """
 
