@@ -50,11 +50,32 @@ TRANSITIONS: dict[tuple[ImageState, ImageState], str] = {
     # A metadata edit after embedding asks for a vector of the new text.
     (S.EMBEDDED, S.EMBEDDING_PENDING): "image.embedding_requested",
     (S.EMBEDDING_PENDING, S.EMBEDDING_FAILED): "image.embedding_failed",
+    # An operator's retry of a failed image (`outbox retry`): back to waiting for the work.
+    (S.OCR_FAILED, S.OCR_PENDING): "image.ocr_retried",
+    (S.EMBEDDING_FAILED, S.EMBEDDING_PENDING): "image.embedding_retried",
+    # The audit found the object gone while the image still needed it for OCR.
+    (S.UPLOADED, S.OCR_FAILED): "image.ocr_failed",
+    (S.OCR_PENDING, S.OCR_FAILED): "image.ocr_failed",
     **{(s, s): "image.metadata_updated" for s in METADATA_EDITABLE},
     **{(s, S.DELETED): "image.deleted" for s in S if s is not S.DELETED},
 }
 
 CREATED_EVENT = "image.requested"
+
+# A same-state update that carries the current document again, so the views converge on the
+# database: how the audit repairs drift through the log (in any state, final ones included).
+RESYNC_EVENT = "image.resynced"
+
+# States whose object must still be in the bucket (OCR has not read it yet).
+NEEDS_OBJECT: frozenset[ImageState] = frozenset({S.UPLOADED, S.OCR_PENDING, S.OCR_RUNNING})
+# Final states whose object should be gone: deleted on delete, expiry and abandonment.
+OBJECT_GONE: frozenset[ImageState] = frozenset({S.REJECTED, S.EXPIRED, S.ABANDONED, S.DELETED})
+
+# Failed states an operator can retry, and where the retry sends the image.
+RETRYABLE: dict[ImageState, ImageState] = {
+    S.OCR_FAILED: S.OCR_PENDING,
+    S.EMBEDDING_FAILED: S.EMBEDDING_PENDING,
+}
 
 # Waiting states whose work the reconciler asks for again once overdue (the event that
 # asked for it was dead-lettered, or its worker was down): same state, new version, new

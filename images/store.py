@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from images.policy import (
     CREATED_EVENT,
     REQUEUE_EVENTS,
+    RESYNC_EVENT,
     TRANSITIONS,
     ImageState,
     deadline_seconds,
@@ -203,6 +204,12 @@ def requeue(conn: Connection, current: Mapping[str, Any], settings: ImageSetting
         raise IllegalTransition(f"an image in {source} cannot be requeued")
     return _guarded_update(conn, current, {"deadline_at": _deadline(source, settings)},
                            event_type)
+
+
+def resync(conn: Connection, current: Mapping[str, Any]) -> RowMapping:
+    """Emit the current document again (`image.resynced`, a new version, same state), so
+    every view converges on the database through the log. Raises like `transition`."""
+    return _guarded_update(conn, current, {}, RESYNC_EVENT)
 
 
 def _guarded_update(conn: Connection, current: Mapping[str, Any], values: dict[str, Any],

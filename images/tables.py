@@ -33,6 +33,7 @@ image_table = Table(
     Index("image_deadline_idx", "deadline_at", postgresql_where=text("deadline_at IS NOT NULL")),
     Index("image_org_listing_idx", "org_id", "created_at", "id"),
     Index("image_org_state_listing_idx", "org_id", "state", "created_at", "id"),
+    Index("image_object_key_idx", "object_key"),
 )
 
 result_cache_table = Table(

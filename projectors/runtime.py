@@ -70,6 +70,7 @@ class ConsumerRuntime:
         self.group_id = group_id or f"{settings.topic_prefix}.{projector.name}"
         self.topics = [topic_name(settings.topic_prefix, t) for t in projector.aggregate_types]
         self.last_applied_at: float | None = None
+        self.applied = 0  # events applied and committed by this runtime
         self.sink_unavailable_since: float | None = None
         self._revoked = False
         self._assigned = 0
@@ -142,6 +143,7 @@ class ConsumerRuntime:
             return
         self._commit(msgs)
         if items:
+            self.applied += len(items)
             APPLIED.labels(self.projector.name).inc(len(items))
             last = max(env.occurred_at for _, env in items)
             LAG_SECONDS.labels(self.projector.name).set(

@@ -13,7 +13,14 @@ import redis.exceptions
 import sqlalchemy.exc
 from elasticsearch import ApiError
 
+
+class SinkUnavailable(RuntimeError):
+    """A sink cannot take writes right now for a reason it reported itself (its index is
+    missing, it refused items as overloaded): waited out like a lost connection."""
+
+
 TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    SinkUnavailable,
     OSError,  # ConnectionError, TimeoutError and the vendored HTTP timeouts of botocore
     sqlalchemy.exc.OperationalError,  # lost connection, deadlock, serialization failure
     botocore.exceptions.ConnectionError,

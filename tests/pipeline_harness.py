@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import redis
 from confluent_kafka import Consumer, TopicPartition
+from elasticsearch import Elasticsearch
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
+from sqlalchemy import create_engine, text
 
 from app.settings import AppSettings
+from images.storage import s3_client
+from outbox.migrate import migrate
 from projectors.registry import build_runtime
 from projectors.runtime import ConsumerRuntime
 from relays.runner import RelayProcess
+from tests.auth import API_KEYS
+from tests.relay_harness import drop_slot_and_publication
 
 PROJECTOR_NAMES = ("ocr", "embed", "search", "cache")
 
@@ -66,6 +77,41 @@ class Pipeline:
             rt.stop.set()
         for t in self.threads:
             t.join(30)
+
+
+@contextmanager
+def isolated_settings(tag: str) -> Iterator[AppSettings]:
+    """Settings whose schema (migrated), topics, index and Redis keys belong to the caller;
+    all of it removed afterwards."""
+    uid = uuid.uuid4().hex[:8]
+    s = AppSettings(db_schema=f"{tag}_{uid}", topic_prefix=f"{tag}{uid}",
+                    es_index=f"{tag}{uid}-images", redis_prefix=f"{tag}{uid}",
+                    s3_bucket=f"t-{tag}-{uid}", api_keys=SecretStr(API_KEYS),
+                    projector_session_timeout_ms=6000, projector_batch_size=50,
+                    relay_poll_interval_s=0.2, max_upload_bytes=2_000_000)
+    migrate(s)
+    s3 = s3_client(s)
+    s3.create_bucket(Bucket=s.s3_bucket)
+    try:
+        yield s
+    finally:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s.s3_bucket):
+            for obj in page.get("Contents", []):
+                s3.delete_object(Bucket=s.s3_bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=s.s3_bucket)
+        drop_slot_and_publication(s)
+        engine = create_engine(s.database_url)
+        with engine.begin() as conn:
+            conn.execute(text(f'drop schema "{s.db_schema}" cascade'))
+        engine.dispose()
+        es = Elasticsearch(s.es_url)
+        for index in es.indices.get(index=f"{s.es_index}-*", ignore_unavailable=True):
+            es.indices.delete(index=index)
+        es.close()
+        r = redis.Redis.from_url(s.redis_url)
+        for key in r.scan_iter(f"{s.redis_prefix}:*"):
+            r.delete(key)
+        r.close()
 
 
 def wait_for(predicate, timeout_s: float = 120, interval_s: float = 0.3, what: str = ""):

@@ -222,6 +222,7 @@ def settings_env(settings: AppSettings) -> dict[str, str]:
         "OUTBOX_TOPIC_PREFIX": settings.topic_prefix,
         "OUTBOX_ES_INDEX": settings.es_index,
         "OUTBOX_REDIS_PREFIX": settings.redis_prefix,
+        "OUTBOX_S3_BUCKET": settings.s3_bucket,
         "OUTBOX_RELAY_POLL_INTERVAL_S": str(settings.relay_poll_interval_s),
         "OUTBOX_RELAY_LOCK_POLL_S": str(settings.relay_lock_poll_s),
         "OUTBOX_RELAY_HEARTBEAT_S": str(settings.relay_heartbeat_s),

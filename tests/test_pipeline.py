@@ -13,20 +13,22 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
-from pydantic import SecretStr
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 
 from app.api.app import create_app
 from app.sample_images import text_image
-from app.settings import AppSettings
 from outbox.db import make_engine
 from outbox.kafka import dlq_topic
-from outbox.migrate import migrate
 from outbox.tables import outbox_table
-from tests.auth import API_KEYS, AUTH_A
+from tests.auth import AUTH_A
 from tests.images import upload
-from tests.pipeline_harness import PROJECTOR_NAMES, Pipeline, metric, wait_for
-from tests.relay_harness import drop_slot_and_publication
+from tests.pipeline_harness import (
+    PROJECTOR_NAMES,
+    Pipeline,
+    isolated_settings,
+    metric,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,25 +38,8 @@ CHINESE = ["超市购物收据", "牛奶 面包 鸡蛋"]
 
 @pytest.fixture(scope="module")
 def cfg():
-    uid = uuid.uuid4().hex[:8]
-    s = AppSettings(db_schema=f"pipe_{uid}", topic_prefix=f"pipe{uid}",
-                    es_index=f"pipe{uid}-images", redis_prefix=f"pipe{uid}",
-                    api_keys=SecretStr(API_KEYS), projector_session_timeout_ms=6000,
-                    projector_batch_size=50, relay_poll_interval_s=0.2,
-                    max_upload_bytes=2_000_000)
-    migrate(s)
-    yield s
-    drop_slot_and_publication(s)
-    engine = create_engine(s.database_url)
-    with engine.begin() as conn:
-        conn.execute(text(f'drop schema "{s.db_schema}" cascade'))
-    engine.dispose()
-    es = Elasticsearch(s.es_url)
-    es.indices.delete(index=f"{s.es_index}-v1", ignore_unavailable=True)
-    es.close()
-    r = redis.Redis.from_url(s.redis_url)
-    for key in r.scan_iter(f"{s.redis_prefix}:*"):
-        r.delete(key)
+    with isolated_settings("pipe") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

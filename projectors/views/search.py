@@ -16,6 +16,7 @@ from elasticsearch import Elasticsearch, helpers
 from images.policy import ImageState
 from outbox.envelope import EventEnvelope
 from projectors.settings import ProjectorSettings
+from projectors.transient_errors import SinkUnavailable
 from projectors.views.search_index import ensure_index, view_document
 from projectors.views.task_cache import TaskCache
 
@@ -26,16 +27,25 @@ class SearchIndexError(RuntimeError):
     """Elasticsearch refused writes for a reason other than a version conflict."""
 
 
+# Per-item failures that say the server cannot take writes now, not that the item is bad.
+_UNAVAILABLE = {429, 502, 503, 504}
+
+
 class SearchProjector:
     """Projector `search`."""
 
     name = "search"
     aggregate_types: Sequence[str] = ("image",)
 
-    def __init__(self, settings: ProjectorSettings, es: Elasticsearch, tasks: TaskCache) -> None:
+    def __init__(self, settings: ProjectorSettings, es: Elasticsearch, tasks: TaskCache | None,
+                 index: str | None = None) -> None:
+        """Writes to the alias `es_index` (made when absent), or, for a rebuild, to the
+        concrete `index` (then the task cache, which describes the live view, is left
+        alone)."""
         self._es = es
         self._tasks = tasks
-        self._alias = ensure_index(es, settings)
+        self._rebuilding = index is not None
+        self._index = index or ensure_index(es, settings)
 
     def apply(self, events: list[EventEnvelope]) -> None:
         """Index (or delete) the latest state of each image in the batch."""
@@ -48,16 +58,26 @@ class SearchProjector:
                 latest[e.aggregate_id] = e
         if not latest:
             return
+        if self._rebuilding and not self._es.indices.exists(index=self._index):
+            raise SinkUnavailable(f"the index {self._index} being rebuilt is gone")
         actions = [self._action(e) for e in latest.values()]
-        _, errors = helpers.bulk(self._es, actions, raise_on_error=False, refresh="wait_for")
+        # require_alias: a write never creates an index under the alias's name (with a
+        # dynamic mapping) when the alias is missing; it fails and is waited out.
+        _, errors = helpers.bulk(self._es, actions, raise_on_error=False, refresh="wait_for",
+                                 require_alias=not self._rebuilding)
+        unavailable = [x for x in errors if _status(x) in _UNAVAILABLE or _missing_index(x)]
+        if unavailable:
+            raise SinkUnavailable(f"{len(unavailable)} bulk items refused for now, first: "
+                                  f"{unavailable[0]}")
         real = [x for x in errors if _status(x) not in (409, 404)]
         if real:
             raise SearchIndexError(f"{len(real)} bulk errors, first: {real[0]}")
-        for e in latest.values():
-            self._tasks.mark_indexed(e)
+        if self._tasks is not None:
+            for e in latest.values():
+                self._tasks.mark_indexed(e)
 
     def _action(self, e: EventEnvelope) -> dict[str, Any]:
-        base = {"_index": self._alias, "_id": e.aggregate_id, "version": e.aggregate_version,
+        base = {"_index": self._index, "_id": e.aggregate_id, "version": e.aggregate_version,
                 "version_type": "external"}
         if e.payload.get("state") == ImageState.DELETED:
             return {**base, "_op_type": "delete"}
@@ -70,3 +90,8 @@ class SearchProjector:
 
 def _status(item: dict[str, Any]) -> int:
     return next(iter(item.values())).get("status", 0)
+
+
+def _missing_index(item: dict[str, Any]) -> bool:
+    error = next(iter(item.values())).get("error") or {}
+    return isinstance(error, dict) and error.get("type") == "index_not_found_exception"

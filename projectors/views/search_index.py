@@ -43,9 +43,33 @@ def ensure_index(es: Elasticsearch, settings: ProjectorSettings) -> str:
         return alias
     concrete = f"{alias}-v1"
     if not es.indices.exists(index=concrete):
-        es.indices.create(index=concrete, mappings=mapping())
+        create_index(es, concrete, complete=True)
     es.indices.put_alias(index=concrete, name=alias)
     return alias
+
+
+def create_index(es: Elasticsearch, name: str, complete: bool) -> None:
+    """A concrete index with the view's mapping; `complete` is False while a rebuild fills
+    it (recorded in the mapping's `_meta`, so an interrupted rebuild finds its index)."""
+    es.indices.create(index=name, mappings={**mapping(), "_meta": {"complete": complete}})
+
+
+def is_complete(es: Elasticsearch, name: str) -> bool:
+    """Whether `name` was fully built (indices made before `_meta` existed count as so)."""
+    meta = es.indices.get_mapping(index=name)[name]["mappings"].get("_meta", {})
+    return bool(meta.get("complete", True))
+
+
+def mark_complete(es: Elasticsearch, name: str) -> None:
+    """Record that `name` holds the whole view."""
+    es.indices.put_mapping(index=name, meta={"complete": True})
+
+
+def aliased_indices(es: Elasticsearch, alias: str) -> list[str]:
+    """The concrete indices behind `alias` (none when it does not exist)."""
+    if not es.indices.exists_alias(name=alias):
+        return []
+    return sorted(es.indices.get_alias(name=alias))
 
 
 def view_document(payload: dict[str, Any]) -> dict[str, Any]:

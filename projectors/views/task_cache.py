@@ -7,6 +7,7 @@ nothing. Entries of finished images expire after `task_ttl_s`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ return 1
 """
 
 STEPS = ("ocr", "embed", "index")
+GENERATION_TTL_S = 1.0
 
 
 def step_states(doc: dict[str, Any]) -> dict[str, str]:
@@ -58,15 +60,60 @@ def step_states(doc: dict[str, Any]) -> dict[str, str]:
 class TaskCache:
     """Reads and writes the task hashes."""
 
-    def __init__(self, settings: ProjectorSettings, client: redis.Redis) -> None:
+    def __init__(self, settings: ProjectorSettings, client: redis.Redis,
+                 generation: int | None = None) -> None:
+        """`generation`: a fixed key generation (a rebuild's); None follows the live one,
+        named by the pointer key `<prefix>:task-generation`."""
         self._redis = client
         self._prefix = settings.redis_prefix
         self._ttl = settings.task_ttl_s
         self._cas = client.register_script(CAS_SCRIPT)
+        self._fixed = generation
+        self._cached: tuple[float, int] = (0.0, 0)
+        self.generation_key = f"{self._prefix}:task-generation"
+        self.building_key = f"{self._prefix}:task-generation-building"
+
+    def generation(self) -> int:
+        """The key generation in use (0 before any rebuild); the live pointer is read at
+        most once a second."""
+        if self._fixed is not None:
+            return self._fixed
+        at, gen = self._cached
+        if time.monotonic() - at > GENERATION_TTL_S:
+            gen = int(self._redis.get(self.generation_key) or 0)
+            self._cached = (time.monotonic(), gen)
+        return gen
+
+    def _key_prefix(self, generation: int) -> str:
+        return f"{self._prefix}:task:" if generation == 0 else f"{self._prefix}:task:g{generation}:"
 
     def key(self, image_id: str) -> str:
-        """The hash of one image."""
-        return f"{self._prefix}:task:{image_id}"
+        """The hash of one image, in the current generation."""
+        return self._key_prefix(self.generation()) + image_id
+
+    def copy_index_fields(self, target: TaskCache) -> int:
+        """Copy the `index_*` fields (written by the search projector, not derived from the
+        events) of every entry into `target`'s generation; return how many."""
+        prefix, copied = self._key_prefix(self.generation()), 0
+        for key in self._redis.scan_iter(f"{prefix}*", count=1000):
+            image_id = key.decode()[len(prefix):]
+            if ":" in image_id:  # another generation's key
+                continue
+            fields = self._redis.hmget(key, "index_version", "index_state", "index_updated_at")
+            if fields[0] is not None:
+                target._write(image_id, "index_version", int(fields[0]), 0,
+                              {"index_state": fields[1].decode(),
+                               "index_updated_at": fields[2].decode()})
+                copied += 1
+        return copied
+
+    def delete_all(self) -> int:
+        """Remove every key of this generation; return how many."""
+        prefix, deleted = self._key_prefix(self.generation()), 0
+        for key in self._redis.scan_iter(f"{prefix}*", count=1000):
+            if ":" not in key.decode()[len(prefix):]:
+                deleted += self._redis.unlink(key)
+        return deleted
 
     def apply_event(self, e: EventEnvelope) -> bool:
         """Write the step states the event's document implies, if newer."""
@@ -95,6 +142,15 @@ class TaskCache:
         flat: list[str] = [x for kv in fields.items() for x in kv]
         return bool(self._cas(keys=[self.key(image_id)],
                               args=[version_field, version, ttl, *flat]))
+
+    def versions(self, image_ids: list[str]) -> dict[str, int]:
+        """The version each image's entry derives from (absent: no entry), in one round
+        trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for image_id in image_ids:
+            pipe.hget(self.key(image_id), "version")
+        return {i: int(v) for i, v in zip(image_ids, pipe.execute(), strict=True)
+                if v is not None}
 
     def read(self, image_id: str) -> dict[str, dict[str, str]]:
         """The steps of an image: {step: {state, attempt, error, updated_at}}."""

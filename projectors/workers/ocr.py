@@ -1,6 +1,7 @@
 """The OCR worker: `ocr_pending` -> `ocr_running` -> OCR -> `ocr_done` -> `embedding_pending`
 (or back to `ocr_pending` for another attempt, or `ocr_failed` after the last), every step a
-transition with its outbox event. It never writes a view."""
+transition with its outbox event. It never writes a view. It also removes the object of a
+deleted image."""
 
 from __future__ import annotations
 
@@ -45,8 +46,13 @@ class OcrWorker:
         for event in events:
             if self._should_stop():
                 raise BatchInterrupted
-            if event.payload.get("state") == S.OCR_PENDING:
+            state = event.payload.get("state")
+            if state == S.OCR_PENDING:
                 self._process(event)
+            elif state == S.DELETED and event.payload.get("object_key"):
+                # The worker that reads objects also removes them; deleting twice is fine.
+                self._s3.delete_object(Bucket=self._settings.s3_bucket,
+                                       Key=event.payload["object_key"])
 
     def _start(self, event: EventEnvelope) -> RowMapping | None:
         with self._engine.begin() as conn:

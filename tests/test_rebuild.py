@@ -1,0 +1,181 @@
+"""`outbox rebuild` against the real stores: the search view is rebuilt behind its alias while
+images keep arriving and a client keeps searching; an interrupted rebuild resumes; the task
+cache is rebuilt as a new key generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+from elasticsearch import Elasticsearch
+from fastapi.testclient import TestClient
+
+from app.api.app import create_app
+from app.audit import Auditor
+from app.sample_images import text_image
+from images.storage import s3_client
+from images.store import load_image, resync
+from outbox.db import make_engine
+from projectors.views.search_index import aliased_indices
+from tests.auth import AUTH_A
+from tests.images import upload
+from tests.pipeline_harness import (
+    PROJECTOR_NAMES,
+    Pipeline,
+    isolated_settings,
+    metric,
+    wait_for,
+)
+from tests.relay_harness import settings_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    with isolated_settings("reb") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def pipeline(cfg):
+    p = Pipeline(cfg)
+    p.start_relay()
+    for name in PROJECTOR_NAMES:
+        p.start_projector(name)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def api(cfg):
+    with TestClient(create_app(cfg), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _submit(api, title: str) -> str:
+    body = text_image([title, "Total 4.20"])
+    created = api.post("/v1/images", headers=AUTH_A, json={
+        "filename": "a.png", "content_type": "image/png", "size": len(body),
+        "metadata": {"title": title}}).json()
+    assert upload(created, body).status_code in (200, 204)
+    assert api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A).status_code == 200
+    return created["id"]
+
+
+def _searchable(api, image_id: str) -> bool:
+    return api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()["searchable"]
+
+
+def _rebuild(cfg, *args: str) -> subprocess.Popen:
+    env = {**os.environ, **settings_env(cfg),
+           "OUTBOX_PROJECTOR_SESSION_TIMEOUT_MS": "6000", "OUTBOX_PROJECTOR_BATCH_SIZE": "50"}
+    return subprocess.Popen([sys.executable, "-m", "outbox.cli", "rebuild", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_search_is_rebuilt_behind_the_alias_while_images_arrive(cfg, pipeline, api):
+    first = [_submit(api, f"Seed receipt {n}") for n in range(6)]
+    for i in first:
+        wait_for(lambda i=i: _searchable(api, i), what=f"{i} searchable")
+    es = Elasticsearch(cfg.es_url)
+    old = aliased_indices(es, cfg.es_index)
+    ocr_before = metric("outbox_ocr_engine_runs_total")
+    embed_before = metric("outbox_embedding_texts_total")
+    stop, failures, searches, arrived = threading.Event(), [], [0], []
+
+    def search_loop() -> None:
+        while not stop.is_set():
+            r = api.get("/v1/search", headers=AUTH_A, params={"q": "receipt", "mode": "text"})
+            searches[0] += 1
+            if r.status_code != 200:
+                failures.append(r.text)
+            time.sleep(0.05)
+
+    def arrivals() -> None:
+        while not stop.is_set():
+            arrived.append(_submit(api, f"Arriving receipt {len(arrived)}"))
+            time.sleep(0.5)
+
+    threads = [threading.Thread(target=search_loop), threading.Thread(target=arrivals)]
+    for t in threads:
+        t.start()
+    try:
+        proc = _rebuild(cfg, "search", "--verify")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert aliased_indices(es, cfg.es_index) == [summary["copy"]]
+    assert summary["removed"] == old and not es.indices.exists(index=old[0])
+    assert searches[0] > 10 and failures == []
+    for i in arrived:
+        wait_for(lambda i=i: _searchable(api, i), what=f"{i} searchable after the rebuild")
+    engine = make_engine(cfg)
+    auditor = Auditor(cfg, engine, es, redis.Redis.from_url(cfg.redis_url), s3_client(cfg),
+                      grace_s=0)
+    assert list(auditor.view_findings()) == []  # every document at its database version
+    # Only the images that arrived were read and embedded: the rebuild itself ran neither.
+    assert metric("outbox_ocr_engine_runs_total") - ocr_before == len(arrived)
+    assert metric("outbox_embedding_texts_total") - embed_before == len(arrived)
+    engine.dispose()
+    es.close()
+
+
+def test_a_rebuild_killed_halfway_completes_when_run_again(cfg, pipeline, api):
+    image = _submit(api, "Many versions")
+    wait_for(lambda: _searchable(api, image), what="searchable")
+    engine = make_engine(cfg)
+    for _ in range(300):  # a long log, so the replay takes a while
+        with engine.begin() as conn:
+            resync(conn, load_image(conn, "org-a", __import__("uuid").UUID(image),
+                                    for_update=True))
+    wait_for(lambda: _searchable(api, image), what="the live view caught up")
+    es = Elasticsearch(cfg.es_url)
+    live = aliased_indices(es, cfg.es_index)
+    proc = _rebuild(cfg, "search")
+
+    def half_built() -> str | None:
+        for index in es.indices.get(index=f"{cfg.es_index}-r*", ignore_unavailable=True):
+            if index not in live and es.count(index=index)["count"] > 0:
+                return index
+        return None
+
+    building = wait_for(half_built, timeout_s=60, interval_s=0.05, what="a half-built index")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert aliased_indices(es, cfg.es_index) == live  # never on a half-built index
+    again = _rebuild(cfg, "search")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["copy"] == building  # resumed, not started over
+    assert aliased_indices(es, cfg.es_index) == [building]
+    assert _searchable(api, image)
+    engine.dispose()
+    es.close()
+
+
+def test_the_task_cache_is_rebuilt_as_a_new_generation(cfg, pipeline, api):
+    image = _submit(api, "Cache rebuild")
+    wait_for(lambda: _searchable(api, image), what="searchable")
+    before = api.get(f"/v1/images/{image}", headers=AUTH_A).json()["tasks"]
+    r = redis.Redis.from_url(cfg.redis_url)
+    proc = _rebuild(cfg, "cache")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert int(r.get(f"{cfg.redis_prefix}:task-generation")) >= 1
+    assert r.exists(f"{cfg.redis_prefix}:task:{image}") == 0  # the old generation is gone
+    time.sleep(1.1)  # readers follow the pointer within a second
+    assert api.get(f"/v1/images/{image}", headers=AUTH_A).json()["tasks"] == before
+    r.close()
