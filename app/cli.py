@@ -167,6 +167,90 @@ def _rebuild_of(view: str, settings: Any, show: Any) -> Any:
     return SearchRebuild(settings, es, verify_copy=differences, on_progress=show)
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    """Show one image's journey (history, views, object); exit 1 when it does not exist."""
+    import sys
+    import uuid
+
+    import redis
+    from elasticsearch import Elasticsearch
+
+    from app.settings import get_app_settings
+    from app.trace import ImageTrace
+    from images.storage import s3_client
+    from images.store import ImageNotFound
+    from outbox.db import make_engine
+
+    try:
+        image_id = uuid.UUID(args.image_id)
+    except ValueError:
+        print(f"outbox trace: {args.image_id!r} is not an image id", file=sys.stderr)
+        return 2
+    s = get_app_settings()
+    trace = ImageTrace(s, make_engine(s), Elasticsearch(s.es_url),
+                       redis.Redis.from_url(s.redis_url), s3_client(s))
+    try:
+        journey = trace.journey(image_id, args.org, scan_kafka=args.kafka_offsets)
+    except ImageNotFound as exc:
+        print(f"outbox trace: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(journey, indent=2))
+    else:
+        _print_trace(journey)
+    return 0
+
+
+def _print_trace(journey: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    image, views, obj = journey["image"], journey["views"], journey["object"]
+    console = Console()
+    console.print(f"image {image['id']} (org {image['org_id']}): {image['state']} at version "
+                  f"{image['version']}, trace {image['trace_id']}")
+    table = Table()
+    for col in ("at", "v", "event", "state", "attempt", "error", "kafka", "event id"):
+        table.add_column(col)
+    for e in journey["history"]:
+        k = e["kafka"]
+        where = f"{k['topic']}/{k['partition']}" + ("" if k["offset"] is None
+                                                     else f"@{k['offset']}")
+        table.add_row(e["at"][:23], str(e["version"]), e["type"], e["state"],
+                      str(e["attempts"]), e["error"] or "", where, e["event_id"])
+    console.print(table)
+    console.print(f"search view holds version {views['search'].get('holds')}; task cache "
+                  f"holds version {views['task_cache'].get('holds')}")
+    console.print(f"object {obj['key']}: " + ("present, " + str(obj.get("size")) + " bytes"
+                                               if obj.get("exists") else "missing"))
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    """Send failed images back to pending; exit 1 when an id could not be retried."""
+    import sys
+    import uuid
+
+    from app.retry import failed_images, retry
+    from app.settings import get_app_settings
+    from images.policy import ImageState
+    from outbox.db import make_engine
+
+    if bool(args.ids) == bool(args.state):
+        print("outbox retry: give image ids or --state, not both", file=sys.stderr)
+        return 2
+    try:
+        ids = [uuid.UUID(i) for i in args.ids]
+    except ValueError as exc:
+        print(f"outbox retry: not an image id: {exc}", file=sys.stderr)
+        return 2
+    settings = get_app_settings()
+    engine = make_engine(settings)
+    chosen = ids or failed_images(engine, ImageState(args.state), args.org)
+    done = retry(engine, settings, chosen, args.org)
+    print(json.dumps(done, indent=2))
+    return 1 if ids and done["skipped"] else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the application's commands to the `outbox` command line."""
     p = sub.add_parser("api", help="serve the example application's HTTP API")
@@ -200,6 +284,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="search: audit the new index first; refuse to switch on drift")
     p.add_argument("--keep-old", action="store_true", help="keep the old index or keys")
     p.set_defaults(func=_cmd_rebuild)
+
+    p = sub.add_parser("trace", help="one image's journey: state changes, views, object")
+    p.add_argument("image_id")
+    p.add_argument("--org", default=None, help="only if the image belongs to this org")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--kafka-offsets", type=int, default=0, metavar="N",
+                   help="read up to N messages of the image's partition to find the offsets")
+    p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("retry", help="send failed images back to pending (a guarded "
+                                     "transition with its event)")
+    p.add_argument("ids", nargs="*", help="image ids")
+    p.add_argument("--state", choices=["ocr_failed", "embedding_failed"],
+                   help="every image in this state instead")
+    p.add_argument("--org", default=None, help="only images of this org")
+    p.set_defaults(func=_cmd_retry)
 
     p = sub.add_parser("demo", help="the main job end to end: upload, OCR, embed, search")
     p.add_argument("--state-dir", default=".outbox", help="where PID files and logs go")

@@ -21,13 +21,14 @@ import threading
 import time
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 import structlog
 from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from app.upload_verification import UploadMissing
@@ -35,7 +36,7 @@ from app.uploads import settle_upload
 from images.policy import REQUEUE_EVENTS, ImageState
 from images.settings import ImageSettings
 from images.store import requeue, transition
-from images.tables import image_table
+from images.tables import image_table, result_cache_table
 
 log = structlog.get_logger(__name__)
 S = ImageState
@@ -81,7 +82,20 @@ class Reconciler:
             result = self._repair_one(image_id)
             if result:
                 outcome[result] += 1
+        expired = self._purge_results()
+        if expired:
+            outcome["result_cache_purged"] += expired
         return outcome
+
+    def _purge_results(self, chunk: int = 10_000) -> int:
+        """Delete cached OCR/embedding results past their retention (a chunk per round)."""
+        c = result_cache_table.c
+        old = select(c.kind, c.checksum, c.engine).where(
+            c.created_at < func.now() - timedelta(seconds=self._settings.result_cache_retention_s)
+        ).limit(chunk)
+        with self._engine.begin() as conn:
+            return conn.execute(result_cache_table.delete().where(
+                tuple_(c.kind, c.checksum, c.engine).in_(old))).rowcount
 
     def _repair_one(self, image_id: uuid.UUID) -> str | None:
         t = image_table.c

@@ -22,3 +22,8 @@ class ImageSettings(Settings):
     deadline_ocr_running_s: int = 5 * 60
     deadline_embedding_pending_s: int = 10 * 60
     max_attempts: int = Field(default=3, description="OCR and embedding attempts per image")
+    result_cache_retention_s: int = Field(
+        default=30 * 86400,
+        description="OCR and embedding results older than this are deleted (a miss only "
+        "redoes the work)",
+    )

@@ -6,6 +6,7 @@ in the caller's transaction. An illegal or stale transition raises and writes no
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -23,7 +24,7 @@ from images.policy import (
     deadline_seconds,
 )
 from images.settings import ImageSettings
-from images.tables import image_table
+from images.tables import image_event_table, image_table, result_cache_table
 from outbox.emit import emit
 
 AGGREGATE = "image"
@@ -95,8 +96,23 @@ def _deadline(state: ImageState, settings: ImageSettings) -> Any:
     return None if secs is None else func.now() + timedelta(seconds=secs)
 
 
+def trace_id_of(traceparent: str | None) -> str:
+    """The trace id of a W3C `traceparent` header, or a new one when it is absent or
+    malformed."""
+    parts = (traceparent or "").strip().split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        try:
+            int(parts[1], 16)
+            return parts[1].lower()
+        except ValueError:
+            pass
+    return os.urandom(16).hex()
+
+
 def _emit_for(conn: Connection, row: RowMapping, event_type: str) -> None:
-    emit(
+    """The event of a change, continuing the image's trace, and its line in the history."""
+    traceparent = f"00-{row['trace_id'] or trace_id_of(None)}-{os.urandom(8).hex()}-01"
+    event_id = emit(
         conn,
         aggregate_type=AGGREGATE,
         aggregate_id=row["id"],
@@ -104,7 +120,12 @@ def _emit_for(conn: Connection, row: RowMapping, event_type: str) -> None:
         payload=image_document(row),
         aggregate_version=row["version"],
         org_id=row["org_id"],
+        headers={"traceparent": traceparent},
     )
+    conn.execute(insert(image_event_table).values(
+        event_id=event_id, image_id=row["id"], org_id=row["org_id"], version=row["version"],
+        type=event_type, state=row["state"], attempts=row["attempts"],
+        last_error=row["last_error"], traceparent=traceparent))
 
 
 def create_image(
@@ -119,8 +140,10 @@ def create_image(
     object_key: str,
     checksum_sha256: str | None = None,
     metadata: dict[str, Any] | None = None,
+    traceparent: str | None = None,
 ) -> RowMapping:
-    """Insert a new image in `requested` (version 1) with its `image.requested` event."""
+    """Insert a new image in `requested` (version 1) with its `image.requested` event. Every
+    later event of the image continues the trace of `traceparent` (the request's)."""
     row = (
         conn.execute(
             insert(image_table)
@@ -135,6 +158,7 @@ def create_image(
                 object_key=object_key,
                 checksum_sha256=checksum_sha256,
                 metadata=metadata,
+                trace_id=trace_id_of(traceparent),
                 deadline_at=_deadline(ImageState.REQUESTED, settings),
             )
             .returning(*image_table.c)
@@ -204,6 +228,19 @@ def requeue(conn: Connection, current: Mapping[str, Any], settings: ImageSetting
         raise IllegalTransition(f"an image in {source} cannot be requeued")
     return _guarded_update(conn, current, {"deadline_at": _deadline(source, settings)},
                            event_type)
+
+
+def delete(conn: Connection, current: Mapping[str, Any], settings: ImageSettings
+           ) -> RowMapping:
+    """Move the image to `deleted`, dropping its OCR text and vector from the row and its
+    OCR result from the result cache in the same transaction (the object follows from the
+    event). Raises like `transition`."""
+    checksum = (current["ocr"] or {}).get("checksum")
+    if checksum:
+        conn.execute(result_cache_table.delete().where(result_cache_table.c.kind == "ocr",
+                                                       result_cache_table.c.checksum == checksum))
+    return transition(conn, current, ImageState.DELETED, settings,
+                      {"ocr": None, "embedding": None})
 
 
 def resync(conn: Connection, current: Mapping[str, Any]) -> RowMapping:

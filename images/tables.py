@@ -30,10 +30,29 @@ image_table = Table(
     Column("state_entered_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("trace_id", Text),  # the W3C trace every event of the image continues
     Index("image_deadline_idx", "deadline_at", postgresql_where=text("deadline_at IS NOT NULL")),
     Index("image_org_listing_idx", "org_id", "created_at", "id"),
     Index("image_org_state_listing_idx", "org_id", "state", "created_at", "id"),
     Index("image_object_key_idx", "object_key"),
+)
+
+# The journey of each image: one row per event, written with it, kept after the outbox row
+# is gone (the trace reads it).
+image_event_table = Table(
+    "image_event",
+    metadata,
+    Column("event_id", UUID(as_uuid=True), primary_key=True),
+    Column("image_id", UUID(as_uuid=True), nullable=False),
+    Column("org_id", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("traceparent", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("image_event_image_idx", "image_id", "version"),
 )
 
 result_cache_table = Table(

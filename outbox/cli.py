@@ -1,6 +1,6 @@
 """The `outbox` command line.
 
-The core registers its own commands (config, migrate, schema); packages built on it add
+The core registers its own commands (config, migrate, schema, topics); packages built on it add
 theirs through the entry-point group `outbox.commands` (a `register(subparsers)` function),
 so this module imports nothing above the core.
 """
@@ -49,6 +49,45 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_topics(args: argparse.Namespace) -> int:
+    """Show what Kafka keeps of the `<prefix>.*` topics. Exit 0 when a replay from offset 0
+    gets every event of every topic (nothing deleted, infinite retention), 1 otherwise, 2 when
+    Kafka cannot be reached."""
+    from outbox.topics import INFINITE_RETENTION, KafkaUnreachable, describe_topics, replay_safe
+
+    s = get_settings()
+    try:
+        topics = describe_topics(s)
+    except KafkaUnreachable as exc:
+        print(f"outbox topics: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(topics, indent=2))
+    else:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{s.topic_prefix}.* on {s.kafka_bootstrap}", box=box.SIMPLE)
+        table.add_column("topic", overflow="fold")
+        for column in ("parts", "repl", "min.isr", "retention", "cleanup"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("replay coverage", min_width=len("complete"))
+        for t in topics:
+            retention = t["retention_ms"]
+            table.add_row(
+                t["name"], str(t["partitions"]), str(t["replication_factor"]),
+                t["min_insync_replicas"],
+                "infinite" if retention == INFINITE_RETENTION else retention,
+                t["cleanup_policy"], t["replay_coverage"],
+                style=None if replay_safe(t) else "red",
+            )
+        Console().print(table)
+    if not topics:
+        print(f"no topics named {s.topic_prefix}.* on {s.kafka_bootstrap}", file=sys.stderr)
+    return 0 if all(replay_safe(t) for t in topics) else 1
+
+
 def service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
                       default_help: str = "") -> None:
     """The options every long-running process takes: where to serve /metrics and /healthz,
@@ -77,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="the event envelope's JSON schema")
     p.add_argument("--write", action="store_true", help="rewrite outbox/schemas/ instead")
     p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("topics", help="what Kafka keeps of the topics: partitions, "
+                       "replication, retention, whether a replay from offset 0 is complete")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=_cmd_topics)
 
     for ep in sorted(entry_points(group="outbox.commands"), key=lambda e: e.name):
         ep.load()(sub)

@@ -3,6 +3,18 @@
 Topics are `<prefix>.<aggregate_type>`; dead letters of a consumer (a projector, or `relay`)
 go to `<topic>.dlq.<consumer>`. Producers are idempotent with `acks=all`; consumers commit
 by hand, after their effects.
+
+Retention: the log keeps every event. The views are rebuilt by replaying the topics from
+offset 0, so an event the broker deleted would be missing from every rebuilt view; topics are
+created with `retention.ms=-1` (`OUTBOX_TOPIC_RETENTION_MS`) and `cleanup.policy=delete`,
+which with an infinite retention deletes nothing. Compaction keyed by aggregate id was
+considered: the events carry their aggregate's full current document (event-carried state),
+so the latest event of each aggregate would rebuild the same views, and the log would stay
+bounded by the number of aggregates. It was not chosen: a compacted topic loses the per-event
+history that tracing reads (every state change of an aggregate and where it sits in Kafka),
+and Tansu 0.6.0, the local broker, does not compact (its S3 and memory storage engines
+ignore `cleanup.policy` and `retention.ms`). The price is a log that grows with every event;
+`outbox topics` shows what each topic keeps.
 """
 
 from __future__ import annotations
@@ -61,24 +73,65 @@ def consumer_config(settings: Settings, group_id: str, session_timeout_ms: int,
     }
 
 
+def replication(settings: Settings, brokers: int) -> tuple[int, int]:
+    """The replication factor and min.insync.replicas of a new topic: the configured values, or
+    min(3, `brokers`) and min(2, replication factor): an acknowledged write (acks=all) is on
+    two brokers, and writes go on while one is down; a single-broker cluster still works."""
+    factor = settings.topic_replication_factor or min(3, brokers)
+    return factor, settings.topic_min_insync_replicas or min(2, factor)
+
+
+def topic_config(settings: Settings, min_insync: int) -> dict[str, str]:
+    """The configuration a new topic is created with (see the module docstring)."""
+    return {
+        "retention.ms": str(settings.topic_retention_ms),
+        "min.insync.replicas": str(min_insync),
+        "cleanup.policy": "delete",
+    }
+
+
 class TopicManager:
-    """Creates topics with the configured partition count, once per process and topic."""
+    """Creates topics with the configured partitions, replication and retention, once per
+    process and topic. An existing topic is left as it is."""
 
     def __init__(self, settings: Settings) -> None:
         self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-        self._partitions = settings.topic_partitions
+        self._settings = settings
         self._known: set[str] = set()
+        # Cleared when the broker refuses the topic configs: later topics go without them.
+        self._send_config = True
 
     def ensure(self, topic: str) -> None:
         """Create the topic unless seen before (an existing topic is fine)."""
         if topic in self._known:
             return
-        if topic not in self._admin.list_topics(timeout=10).topics:
-            future = self._admin.create_topics([NewTopic(topic, self._partitions, 1)])[topic]
-            try:
-                future.result(timeout=30)
-                log.info("topic_created", topic=topic, partitions=self._partitions)
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
+        metadata = self._admin.list_topics(timeout=10)
+        if topic not in metadata.topics:
+            factor, min_insync = replication(self._settings, len(metadata.brokers))
+            partitions = self._settings.topic_partitions
+            if self._send_config:
+                config = topic_config(self._settings, min_insync)
+                try:
+                    self._create(NewTopic(topic, partitions, factor, config=config))
+                except KafkaException as exc:
+                    # A broker refusing the configs must not stop the pipeline; the warning
+                    # (once) and `outbox topics` (exit 1) say the log may not keep everything.
+                    if exc.args[0].code() != KafkaError.INVALID_CONFIG:
+                        raise
+                    self._send_config = False
+                    log.warning("topic_config_refused", topic=topic, config=config,
+                                error=exc.args[0].str(),
+                                consequence="topics are created with the broker's defaults")
+            if not self._send_config:
+                self._create(NewTopic(topic, partitions, factor))
         self._known.add(topic)
+
+    def _create(self, new: NewTopic) -> None:
+        """Create one topic; one created meanwhile by another process is fine."""
+        try:
+            self._admin.create_topics([new])[new.topic].result(timeout=30)
+            log.info("topic_created", topic=new.topic, partitions=new.num_partitions,
+                     replication_factor=new.replication_factor, config=new.config)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise

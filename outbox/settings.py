@@ -23,6 +23,21 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:19092"
     topic_prefix: str = "outbox"
     topic_partitions: int = 3
+    topic_replication_factor: int | None = Field(
+        default=None, ge=1,
+        description="replicas of each new topic; unset: min(3, brokers in the cluster metadata)",
+    )
+    topic_min_insync_replicas: int | None = Field(
+        default=None, ge=1,
+        description="min.insync.replicas of each new topic (with acks=all, a write needs this "
+        "many replicas); unset: min(2, replication factor)",
+    )
+    topic_retention_ms: int = Field(
+        default=-1, ge=-1,
+        description="retention.ms of each new topic; -1 keeps every event forever, because the "
+        "views are rebuilt by replaying the topics from offset 0: an event the log dropped is "
+        "missing from every rebuilt view (why not compaction: outbox/kafka.py)",
+    )
 
     relay_batch_size: int = 10000
     relay_poll_interval_s: float = Field(
@@ -40,6 +55,12 @@ class Settings(BaseSettings):
     )
     outbox_retention_s: int = Field(
         default=86400, description="the janitor deletes published rows older than this"
+    )
+    processed_event_retention_s: int = Field(
+        default=7 * 86400,
+        description="tracking records older than this are deleted: a redelivery comes within "
+        "minutes, and an older event finds its aggregate moved on (workers act on the "
+        "current version only)",
     )
     janitor_interval_s: float = 60.0
 

@@ -20,6 +20,49 @@ def _cmd_project(args: argparse.Namespace) -> int:
     return serve_projector(ProjectorSettings(), args.name, args.metrics_host, port)
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    """List the dead letters of a topic, or publish them again to their source."""
+    import json
+    import sys
+
+    from confluent_kafka import KafkaException
+
+    from outbox.settings import get_settings
+    from projectors.dead_letters import list_dead_letters, replay
+
+    if ".dlq." not in args.topic:
+        print(f"outbox dlq: {args.topic!r} is not a dead-letter topic (<topic>.dlq.<consumer>)",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.action == "list":
+            letters = list_dead_letters(get_settings(), args.topic)
+            if args.json:
+                print(json.dumps(letters, indent=2))
+            else:
+                _print_letters(letters)
+            return 0
+        print(json.dumps(replay(get_settings(), args.topic)))
+        return 0
+    except (KafkaException, KeyError, RuntimeError) as exc:
+        print(f"outbox dlq {args.action}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _print_letters(letters: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(letters)} dead letters")
+    for col in ("partition/offset", "event", "type", "reason", "source", "replayable"):
+        table.add_column(col)
+    for d in letters:
+        table.add_row(f"{d['partition']}/{d['offset']}", d["event_id"] or "-", d["type"] or "-",
+                      d["reason"] or "-", f"{d['source_topic']}@{d['source_offset']}",
+                      "yes" if d["replayable"] else "no (payload omitted)")
+    Console().print(table)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `project` to the `outbox` command line."""
     p = sub.add_parser("project", help="run one projector (a consumer group of its own)")
@@ -28,3 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     service_arguments(p, metrics_port=None,
                       default_help="ocr 9465, embed 9466, search 9467, cache 9468")
     p.set_defaults(func=_cmd_project)
+
+    p = sub.add_parser("dlq", help="list dead letters with their reasons, or replay them to "
+                                   "their source topic once the cause is fixed")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("topic", help="a dead-letter topic, <topic>.dlq.<consumer>")
+    p.add_argument("--json", action="store_true", help="list: machine-readable output")
+    p.set_defaults(func=_cmd_dlq)

@@ -15,6 +15,20 @@ _CONDITION = {
 }
 
 
+def purge_processed_events(conn: psycopg.Connection, retention_s: float,
+                           chunk: int = 10_000) -> int:
+    """Delete tracking records older than `retention_s`, in chunks; return how many."""
+    total = 0
+    while True:
+        deleted = conn.execute(
+            "delete from processed_event where ctid in (select ctid from processed_event"
+            " where processed_at < now() - make_interval(secs => %s) limit %s)",
+            (retention_s, chunk)).rowcount
+        total += deleted
+        if deleted < chunk:
+            return total
+
+
 def purge_outbox(conn: psycopg.Connection, mode: str, retention_s: float, *, slot: str,
                  margin_s: float, chunk: int = 10_000) -> int:
     """Delete old rows (up to `chunk` per statement, until none is left); return how many."""

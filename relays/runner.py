@@ -27,7 +27,7 @@ from outbox.observability import serve_until_stopped
 from outbox.pg_names import relay_lock_name, slot_name
 from outbox.settings import Settings
 from relays.election import LeaderLock
-from relays.janitor import purge_outbox
+from relays.janitor import purge_outbox, purge_processed_events
 from relays.logical import LogicalRelay, PublicationChanged, SchemaMismatch
 from relays.metrics import (
     BATCHES,
@@ -211,8 +211,9 @@ class RelayProcess:
             deleted = purge_outbox(conn, self.mode, self.settings.outbox_retention_s,
                                    slot=slot_name(self.settings.db_schema),
                                    margin_s=self.settings.relay_backfill_margin_s)
-        if deleted:
-            log.info("outbox_purged", rows=deleted)
+            tracked = purge_processed_events(conn, self.settings.processed_event_retention_s)
+        if deleted or tracked:
+            log.info("outbox_purged", rows=deleted, tracking_records=tracked)
 
 
 def serve_relay(settings: Settings, mode: str, host: str, port: int) -> int:

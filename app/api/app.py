@@ -18,6 +18,7 @@ from app.api.errors import install_error_handlers
 from app.api.images import ApiContext, image_router
 from app.api.search import search_router
 from app.settings import AppSettings, get_app_settings
+from app.trace import ImageTrace
 from images.storage import s3_client
 from outbox.db import make_engine
 from projectors.views.search_reader import SearchReader
@@ -36,14 +37,18 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
     def query_vector(q: str) -> list[float]:
         return get_embedder(model).query(q).tolist()
 
+    engine, s3 = make_engine(settings), s3_client(settings)
+    es, client = Elasticsearch(settings.es_url), redis.Redis.from_url(settings.redis_url)
     ctx = ApiContext(
         settings=settings,
-        engine=make_engine(settings),
-        s3=s3_client(settings),
+        engine=engine,
+        s3=s3,
         keys=ApiKeys(settings.api_keys.get_secret_value()),
-        search=SearchReader(Elasticsearch(settings.es_url), settings.es_index, query_vector),
-        tasks=TaskCache(settings, redis.Redis.from_url(settings.redis_url)),
+        search=SearchReader(es, settings.es_index, query_vector),
+        tasks=TaskCache(settings, client),
+        trace=ImageTrace(settings, engine, es, client, s3),
     )
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield

@@ -7,7 +7,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from botocore.client import BaseClient
 from fastapi import APIRouter, Depends, Header, Query, Response
@@ -18,11 +18,12 @@ from app.api.auth import ApiKeys
 from app.api.errors import ApiError
 from app.api.schemas import ImageCreate, ImageCreated, ImageMetadata, ImagePage, ImageView
 from app.settings import AppSettings
+from app.trace import ImageTrace
 from app.upload_verification import ALLOWED_CONTENT_TYPES, UploadMissing
 from app.uploads import presigned_post, settle_upload
 from images.policy import ImageState
 from images.storage import object_key
-from images.store import StaleVersion, create_image, load_image, transition
+from images.store import StaleVersion, create_image, delete, load_image, transition
 from images.tables import image_table
 from projectors.views.search_reader import SearchReader
 from projectors.views.task_cache import TaskCache
@@ -40,6 +41,7 @@ class ApiContext:
     keys: ApiKeys
     search: SearchReader
     tasks: TaskCache
+    trace: ImageTrace
 
 
 def _view(row: RowMapping) -> ImageView:
@@ -85,9 +87,11 @@ def image_router(ctx: ApiContext) -> APIRouter:
     Org = Annotated[str, Depends(org_id)]
 
     @router.post("", status_code=201, response_model=ImageCreated)
-    def create(body: ImageCreate, org: Org) -> ImageCreated:
+    def create(body: ImageCreate, org: Org,
+               traceparent: Annotated[str | None, Header()] = None) -> ImageCreated:
         """Declare an upload: the resource starts in `requested` with a presigned POST bound
-        to a key derived from org and id only."""
+        to a key derived from org and id only. Every event of the image continues the trace
+        of the request's `traceparent`."""
         if body.content_type not in ALLOWED_CONTENT_TYPES:
             raise ApiError(415, "unsupported_media_type",
                            f"content_type must be one of {sorted(ALLOWED_CONTENT_TYPES)}")
@@ -105,7 +109,8 @@ def image_router(ctx: ApiContext) -> APIRouter:
             row = create_image(conn, settings, image_id=image_id, org_id=org,
                                filename=body.filename, content_type=body.content_type,
                                declared_size=body.size, object_key=key,
-                               checksum_sha256=body.checksum_sha256, metadata=metadata)
+                               checksum_sha256=body.checksum_sha256, metadata=metadata,
+                               traceparent=traceparent)
         return ImageCreated(id=image_id, state=row["state"], version=row["version"],
                             upload_url=post["url"], upload_method="POST", upload_headers={},
                             upload_fields=post["fields"], expires_at=expires_at)
@@ -171,6 +176,12 @@ def image_router(ctx: ApiContext) -> APIRouter:
                            and view.indexed_version == row["version"])
         return view
 
+    @router.get("/{image_id}/history")
+    def history(image_id: uuid.UUID, org: Org) -> dict[str, Any]:
+        """The image's journey: every state change (time, event id, trace context, Kafka
+        topic and partition), what each view holds now, and the object in the bucket."""
+        return ctx.trace.journey(image_id, org)
+
     @router.delete("/{image_id}", response_model=ImageView)
     def delete_image(
         image_id: uuid.UUID, org: Org, if_match: Annotated[str | None, Header()] = None
@@ -181,7 +192,7 @@ def image_router(ctx: ApiContext) -> APIRouter:
             row = load_image(conn, org, image_id)
             if row["state"] != ImageState.DELETED:
                 _check_version(row, expected)
-                row = transition(conn, row, ImageState.DELETED, settings)
+                row = delete(conn, row, settings)
         return _view(row)
 
     @router.get("", response_model=ImagePage)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import structlog
 from botocore.client import BaseClient
@@ -94,8 +94,8 @@ class OcrWorker:
         with self._engine.connect() as conn:
             hit = cached_result(conn, "ocr", checksum, engine_id)
         if hit is not None:
-            return OcrResult(**hit)
-        result = recognize(data, self._settings.ocr_languages)
+            return OcrResult(**{**hit, "checksum": checksum})
+        result = replace(recognize(data, self._settings.ocr_languages), checksum=checksum)
         with self._engine.begin() as conn:
             store_result(conn, "ocr", checksum, engine_id, asdict(result))
         return result

@@ -30,6 +30,7 @@ class OcrResult:
     text: str
     language: str
     engine: str
+    checksum: str = ""  # SHA-256 of the image bytes: the result cache's key
 
 
 def clean_text(raw: str) -> str:
