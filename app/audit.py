@@ -9,6 +9,8 @@ Findings, each with the image it is about:
 - `view_missing`, `view_stale`, `view_orphan` (the view holds a deleted image, or one with
   no row at all);
 - `cache_missing`, `cache_stale` (the task cache's hash);
+- `log_gap`: the topic no longer holds any event of the image (retention deleted them), so a
+  rebuild from the log would miss it;
 - `object_orphan` (an object with no row, or whose row is in a state that removed it, older
   than the grace period), `object_missing` (the row still needs its object for OCR).
 
@@ -30,20 +32,48 @@ from typing import Any
 import redis
 import structlog
 from botocore.client import BaseClient
+from confluent_kafka import Consumer, TopicPartition
 from elasticsearch import Elasticsearch, NotFoundError, helpers
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from app.settings import AppSettings
+from app.trace import partition_for
 from images.policy import NEEDS_OBJECT, OBJECT_GONE, TERMINAL, ImageState
 from images.store import AGGREGATE, ImageNotFound, load_image, resync, transition
 from images.tables import image_table
 from outbox.emit import emit
+from outbox.kafka import topic_name
 from projectors.views.task_cache import TaskCache
 
 log = structlog.get_logger(__name__)
 
-VIEW_KINDS = ("view_missing", "view_stale", "view_orphan", "cache_missing", "cache_stale")
+# Healed by a resync event (for a log gap: the new event is back in the log).
+VIEW_KINDS = ("view_missing", "view_stale", "view_orphan", "cache_missing", "cache_stale",
+              "log_gap")
+
+
+def log_floor(settings: AppSettings) -> tuple[int, dict[int, datetime]]:
+    """The partition count of the image topic, and for each partition whose oldest events
+    were deleted, the time of the oldest event it still holds."""
+    topic = topic_name(settings.topic_prefix, AGGREGATE)
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"{topic}.audit", "enable.auto.commit": False})
+    floors: dict[int, datetime] = {}
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return 0, floors
+        for p in meta.partitions:
+            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if low > 0:
+                consumer.assign([TopicPartition(topic, p, low)])
+                first = consumer.consume(1, timeout=5)
+                if first and first[0].error() is None:
+                    floors[p] = datetime.fromtimestamp(first[0].timestamp()[1] / 1000, UTC)
+        return len(meta.partitions), floors
+    finally:
+        consumer.close()
 
 
 @dataclass(frozen=True)
@@ -123,6 +153,7 @@ class Auditor:
             last = getattr(rows[-1], order.name)
 
     def _rows_against_views(self) -> Iterator[Finding]:
+        partitions, floors = log_floor(self._settings)
         t = image_table.c
         cols = [t.id, t.org_id, t.state, t.version, t.updated_at]
         for rows in self._rows(t.id, cols):
@@ -140,6 +171,10 @@ class Auditor:
                     continue
                 yield from self._compare(r, image_id, indexed.get(image_id),
                                          cached.get(image_id))
+                floor = floors.get(partition_for(image_id, partitions)) if floors else None
+                if floor is not None and r.updated_at < floor:
+                    yield Finding("log_gap", image_id, r.org_id, "the topic no longer holds "
+                                  f"any event of it (oldest kept: {floor.isoformat()})")
 
     def _compare(self, r: Any, image_id: str, in_view: int | None, in_cache: int | None
                  ) -> Iterator[Finding]:

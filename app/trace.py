@@ -29,6 +29,12 @@ from outbox.kafka import topic_name
 from projectors.views.task_cache import TaskCache
 
 
+def partition_for(key: str, partitions: int) -> int:
+    """The partition the relay's producer puts `key` in: like the Java clients' default,
+    the positive murmur2 of the key modulo the partition count."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
 class ImageTrace:
     """Builds the journey of an image from the database, the views, the log and the bucket."""
 
@@ -84,10 +90,7 @@ class ImageTrace:
                 consumer.close()
         except (KafkaException, KeyError):
             return None
-        if not parts:
-            return None
-        # The Java clients' default: positive murmur2 of the key, modulo the partitions.
-        return (murmur2(key.encode()) & 0x7FFFFFFF) % len(parts)
+        return partition_for(key, len(parts)) if parts else None
 
     def _offsets(self, topic: str, partition: int, wanted: set[str], limit: int
                  ) -> dict[str, int]:

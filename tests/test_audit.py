@@ -132,3 +132,40 @@ def test_an_unreachable_store_makes_the_audit_incomplete(cfg):
     r = subprocess.run([sys.executable, "-m", "outbox.cli", "audit"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "could not complete" in r.stderr
+
+
+def test_an_image_the_log_no_longer_holds_is_reported_and_resent(cfg, pipeline, api,
+                                                                 monkeypatch):
+    from datetime import UTC, datetime
+
+    import app.audit as audit_module
+    from app.audit import Auditor, Repairer
+    from outbox.db import make_engine
+
+    image = _create(api, ["Old receipt"])
+    wait_for(lambda: api.get(f"/v1/images/{image}", headers=AUTH_A).json()["searchable"],
+             what="searchable")
+    cut = datetime.now(UTC)
+
+    def deleted_records_log_floor_mock(settings):
+        # Tansu has no retention and refuses DeleteRecords, so the real broker cannot be
+        # made to drop old events: every partition "lost" what came before `cut`.
+        return 3, dict.fromkeys(range(3), cut)
+
+    monkeypatch.setattr(audit_module, "log_floor", deleted_records_log_floor_mock)
+    engine = make_engine(cfg)
+    es = Elasticsearch(cfg.es_url)
+    client = redis.Redis.from_url(cfg.redis_url)
+    auditor = Auditor(cfg, engine, es, client, s3_client(cfg), grace_s=0)
+    gaps = [f for f in auditor.findings() if f.kind == "log_gap"]
+    assert image in {f.image_id for f in gaps}
+    repairer = Repairer(cfg, engine, s3_client(cfg))
+    for f in gaps:
+        repairer.repair(f)
+    # The resync put a new event with the whole document in the log: covered again.
+    wait_for(lambda: not any(f.kind == "log_gap" and f.image_id == image
+                             for f in Auditor(cfg, engine, es, client, s3_client(cfg),
+                                              grace_s=0).findings()),
+             timeout_s=60, what="the image back in the log")
+    engine.dispose()
+    es.close()
