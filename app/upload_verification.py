@@ -49,8 +49,10 @@ def _sha256_of(client: BaseClient, bucket: str, key: str) -> str:
     return digest.hexdigest()
 
 
-def verify_upload(client: BaseClient, settings: ImageSettings, image: Mapping[str, Any]) -> int:
-    """Verify the object of `image`; return its size, or raise UploadMissing/UploadRejected."""
+def verify_upload(client: BaseClient, settings: ImageSettings, image: Mapping[str, Any]
+                  ) -> tuple[int, str]:
+    """Verify the object of `image`; return its size and ETag (what OCR will insist on), or
+    raise UploadMissing/UploadRejected."""
     bucket, key = settings.s3_bucket, image["object_key"]
     try:
         head = client.head_object(Bucket=bucket, Key=key)
@@ -59,6 +61,9 @@ def verify_upload(client: BaseClient, settings: ImageSettings, image: Mapping[st
             raise UploadMissing(f"no object uploaded for image {image['id']} yet") from exc
         raise
     size = int(head["ContentLength"])
+    if size != image["declared_size"]:
+        raise UploadRejected("size_mismatch", f"object is {size} bytes, "
+                             f"{image['declared_size']} were declared")
     if size > settings.max_upload_bytes:
         raise UploadRejected("too_large", f"object is {size} bytes, the maximum is "
                              f"{settings.max_upload_bytes}")
@@ -75,4 +80,4 @@ def verify_upload(client: BaseClient, settings: ImageSettings, image: Mapping[st
     expected = image["checksum_sha256"]
     if expected and _sha256_of(client, bucket, key) != expected:
         raise UploadRejected("checksum_mismatch", "object SHA-256 differs from the declared")
-    return size
+    return size, head["ETag"]

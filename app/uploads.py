@@ -25,16 +25,16 @@ def presigned_post(
     *,
     key: str,
     content_type: str,
-    max_bytes: int,
+    size: int,
     expires_in: int,
 ) -> dict[str, Any]:
-    """A presigned POST whose policy pins the key, the content type and the size range,
-    so the storage itself refuses a different type or an oversize body."""
+    """A presigned POST whose policy pins the key, the content type and the declared size,
+    so the storage itself refuses a different type or a body of any other size."""
     return client.generate_presigned_post(
         settings.s3_bucket,
         key,
         Fields={"Content-Type": content_type},
-        Conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
+        Conditions=[{"Content-Type": content_type}, ["content-length-range", size, size]],
         ExpiresIn=expires_in,
     )
 
@@ -47,13 +47,14 @@ def settle_upload(
     object, delete it and go to `rejected` (the refusal is returned, not raised, so the
     caller commits it). Raises UploadMissing, writing nothing, when there is no object."""
     try:
-        size = verify_upload(s3, settings, row)
+        size, etag = verify_upload(s3, settings, row)
     except UploadRejected as exc:
         s3.delete_object(Bucket=settings.s3_bucket, Key=row["object_key"])
         rejected = transition(conn, row, ImageState.REJECTED, settings,
                               {"last_error": f"{exc.code}: {exc.message}"})
         return rejected, exc
-    row = transition(conn, row, ImageState.UPLOADED, settings, {"object_size": size})
+    row = transition(conn, row, ImageState.UPLOADED, settings,
+                     {"object_size": size, "object_etag": etag})
     if row["metadata"] is not None:
         row = transition(conn, row, ImageState.OCR_PENDING, settings)
     return row, None

@@ -77,6 +77,7 @@ def image_document(row: Mapping[str, Any]) -> dict[str, Any]:
         "content_type": row["content_type"],
         "declared_size": row["declared_size"],
         "object_size": row["object_size"],
+        "object_etag": row["object_etag"],
         "checksum_sha256": row["checksum_sha256"],
         "object_key": row["object_key"],
         "metadata": row["metadata"],

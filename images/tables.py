@@ -21,6 +21,7 @@ image_table = Table(
     Column("checksum_sha256", Text),
     Column("object_key", Text, nullable=False),
     Column("object_size", BigInteger),
+    Column("object_etag", Text),  # the verified object's: OCR reads that one or none
     Column("metadata", JSONB),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),

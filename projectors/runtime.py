@@ -231,9 +231,18 @@ class ConsumerRuntime:
                    ("source_topic", (msg.topic() or "").encode()),
                    ("source_partition", str(msg.partition()).encode()),
                    ("source_offset", str(msg.offset()).encode())]
-        self._dlq.produce(topic, key=msg.key(), value=msg.value(),
-                          headers=headers + list(msg.headers() or []),
-                          on_delivery=self._on_dead_letter_delivery)
+        try:
+            self._dlq.produce(topic, key=msg.key(), value=msg.value(),
+                              headers=headers + list(msg.headers() or []),
+                              on_delivery=self._on_dead_letter_delivery)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            # The letter is larger than the message was (its headers): keep the reason and
+            # where the original sits, which is still in the source topic.
+            self._dlq.produce(topic, key=msg.key(), value=None,
+                              headers=[*headers, ("payload_omitted", b"true")],
+                              on_delivery=self._on_dead_letter_delivery)
         DEAD_LETTERS.labels(self.projector.name).inc()
         log.warning("dead_lettered", topic=topic, offset=msg.offset(), reason=reason[:200])
 

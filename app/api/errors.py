@@ -21,6 +21,7 @@ STATUS_OF_CODE = {
     "unsupported_media_type": 415,
     "not_an_image": 415,
     "checksum_mismatch": 422,
+    "size_mismatch": 422,
 }
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import redis
 from botocore.client import BaseClient
 from fastapi import APIRouter, Depends, Header, Query, Response
 from sqlalchemy import select, tuple_
@@ -102,7 +103,7 @@ def image_router(ctx: ApiContext) -> APIRouter:
         key = object_key(org, str(image_id))
         ttl = min(settings.upload_url_ttl_s, MAX_URL_TTL_S)
         post = presigned_post(ctx.s3, settings, key=key, content_type=body.content_type,
-                              max_bytes=settings.max_upload_bytes, expires_in=ttl)
+                              size=body.size, expires_in=ttl)
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
         metadata = body.metadata.model_dump(exclude_none=True) if body.metadata else None
         with engine.begin() as conn:
@@ -168,7 +169,11 @@ def image_router(ctx: ApiContext) -> APIRouter:
             row = load_image(conn, org, image_id)
         response.headers["ETag"] = f'"{row["version"]}"'
         view = _view(row)
-        view.tasks = ctx.tasks.read(str(image_id))
+        try:
+            view.tasks = ctx.tasks.read(str(image_id))
+        except redis.RedisError as exc:
+            raise ApiError(503, "task_cache_unavailable",
+                           "the task cache cannot be read right now; retry later") from exc
         view.indexed_version = ctx.search.indexed_version(str(image_id), org)
         # Truthful: fully processed (OCR text and vector exist) and the view holds exactly
         # the database's version of it.

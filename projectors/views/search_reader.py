@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from elastic_transport import TransportError
-from elasticsearch import Elasticsearch, NotFoundError
+from elasticsearch import ApiError, Elasticsearch, NotFoundError
 from pydantic import BaseModel
 
 from images.policy import ImageState
@@ -67,6 +67,8 @@ class SearchReader:
             raise SearchUnavailable("the search view is not built yet") from exc
         except TransportError as exc:
             raise SearchUnavailable("the search service is unreachable") from exc
+        except ApiError as exc:  # overloaded (429), unavailable (5xx), or refusing (400)
+            raise SearchUnavailable(f"the search service answered {exc.meta.status}") from exc
         return [_hit(h, score) for h, score in ranked]
 
     def indexed_version(self, image_id: str, org_id: str) -> int | None:

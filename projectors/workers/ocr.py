@@ -6,15 +6,18 @@ deleted image."""
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
 import structlog
 from botocore.client import BaseClient
+from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from images.policy import ImageState
 from images.store import ImageNotFound, load_image, lock_at_version, transition
+from images.tables import image_table
 from outbox.envelope import EventEnvelope
 from outbox.tracking import claim_event
 from projectors.runtime import BatchInterrupted
@@ -24,6 +27,10 @@ from projectors.workers.result_cache import cached_result, store_result
 
 log = structlog.get_logger(__name__)
 S = ImageState
+
+
+class ObjectChanged(Exception):
+    """The object under the image's key is not the one that was verified."""
 
 
 class OcrWorker:
@@ -66,15 +73,35 @@ class OcrWorker:
                               {"attempts": row["attempts"] + 1})
 
     def _process(self, event: EventEnvelope) -> None:
+        # Everything that needs the bucket or the database happens before the attempt
+        # starts: an outage raises here, is waited out by the runtime with the image still
+        # `ocr_pending`, and costs no attempt. Only what the image itself causes (bytes the
+        # engine cannot read, an object replaced after verification) is a failed attempt.
+        if not self._still_pending(event):
+            return
+        try:
+            data, failure = self._read_object(event.payload), None
+        except ObjectChanged as exc:
+            data, failure = b"", str(exc)
+        checksum = hashlib.sha256(data).hexdigest()
+        engine_id = engine_version(self._settings.ocr_languages)
+        with self._engine.connect() as conn:
+            hit = cached_result(conn, "ocr", checksum, engine_id) if failure is None else None
         running = self._start(event)
         if running is None:
             return
+        if failure is not None:
+            self._fail(running, failure)
+            return
         try:
-            result = self._recognize(running)
-        except Exception as exc:  # any failure is an attempt; the log drives the retry
+            result = (OcrResult(**{**hit, "checksum": checksum}) if hit is not None else
+                      replace(recognize(data, self._settings.ocr_languages), checksum=checksum))
+        except Exception as exc:  # the engine refused these bytes: a failed attempt
             self._fail(running, f"{type(exc).__name__}: {exc}")
             return
         with self._engine.begin() as conn:
+            if hit is None:
+                store_result(conn, "ocr", checksum, engine_id, asdict(result))
             row = self._still_running(conn, running)
             if row is None:
                 log.info("ocr_result_dropped", image=event.aggregate_id,
@@ -86,19 +113,24 @@ class OcrWorker:
         log.info("ocr_done", image=event.aggregate_id, chars=len(result.text),
                  language=result.language)
 
-    def _recognize(self, image: RowMapping) -> OcrResult:
-        body = self._s3.get_object(Bucket=self._settings.s3_bucket, Key=image["object_key"])
-        data = body["Body"].read()
-        checksum = hashlib.sha256(data).hexdigest()
-        engine_id = engine_version(self._settings.ocr_languages)
+    def _still_pending(self, event: EventEnvelope) -> bool:
+        """The image still waits for this event's OCR (a cheap, unlocked look first)."""
         with self._engine.connect() as conn:
-            hit = cached_result(conn, "ocr", checksum, engine_id)
-        if hit is not None:
-            return OcrResult(**{**hit, "checksum": checksum})
-        result = replace(recognize(data, self._settings.ocr_languages), checksum=checksum)
-        with self._engine.begin() as conn:
-            store_result(conn, "ocr", checksum, engine_id, asdict(result))
-        return result
+            row = conn.execute(select(image_table.c.state, image_table.c.version).where(
+                image_table.c.id == uuid.UUID(event.aggregate_id))).one_or_none()
+        return row is not None and row.state == S.OCR_PENDING and \
+            row.version == event.aggregate_version
+
+    def _read_object(self, image: dict) -> bytes:
+        """The verified object's bytes; ObjectChanged when it was replaced after it was
+        verified (its ETag no longer matches the one recorded then)."""
+        pinned = image.get("object_etag")
+        got = self._s3.get_object(Bucket=self._settings.s3_bucket, Key=image["object_key"])
+        if pinned and got.get("ETag") != pinned:
+            got["Body"].close()
+            raise ObjectChanged(f"the object was replaced after it was verified (ETag "
+                                f"{got.get('ETag')}, verified {pinned})")
+        return got["Body"].read()
 
     def _fail(self, running: RowMapping, error: str) -> None:
         last = running["attempts"] >= self._settings.max_attempts
