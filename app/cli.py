@@ -233,6 +233,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     from app.retry import failed_images, retry
     from app.settings import get_app_settings
     from images.policy import ImageState
+    from images.storage import s3_client
     from outbox.db import make_engine
 
     if bool(args.ids) == bool(args.state):
@@ -246,7 +247,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     settings = get_app_settings()
     engine = make_engine(settings)
     chosen = ids or failed_images(engine, ImageState(args.state), args.org)
-    done = retry(engine, settings, chosen, args.org)
+    done = retry(engine, settings, s3_client(settings), chosen, args.org)
     print(json.dumps(done, indent=2))
     return 1 if ids and done["skipped"] else 0
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 
+from botocore.client import BaseClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from app.upload_verification import UploadMissing, UploadRejected, verify_upload
 from images.policy import RETRYABLE, ImageState
 from images.settings import ImageSettings
 from images.store import StaleVersion, transition
@@ -38,9 +40,11 @@ def failed_images(engine: Engine, state: ImageState, org: str | None, batch: int
         last = ids[-1]
 
 
-def retry(engine: Engine, settings: ImageSettings, ids: Iterable[uuid.UUID],
+def retry(engine: Engine, settings: ImageSettings, s3: BaseClient, ids: Iterable[uuid.UUID],
           org: str | None = None) -> dict[str, object]:
-    """Retry each image; return which were retried and which were skipped, and why."""
+    """Retry each image; return which were retried and which were skipped, and why. An OCR
+    retry verifies the object again (it may have been uploaded anew to fix the failure) and
+    pins what it verified."""
     retried: list[str] = []
     skipped: dict[str, str] = {}
     for image_id in ids:
@@ -57,8 +61,16 @@ def retry(engine: Engine, settings: ImageSettings, ids: Iterable[uuid.UUID],
             if target is None:
                 skipped[str(image_id)] = f"{row['state']} is not a failed state"
                 continue
+            changes: dict[str, object] = {"attempts": 0, "last_error": None}
+            if target is ImageState.OCR_PENDING:
+                try:
+                    changes["object_size"], changes["object_etag"] = verify_upload(
+                        s3, settings, row)
+                except (UploadMissing, UploadRejected) as exc:
+                    skipped[str(image_id)] = f"the object does not verify: {exc}"
+                    continue
             try:
-                transition(conn, row, target, settings, {"attempts": 0, "last_error": None})
+                transition(conn, row, target, settings, changes)
             except StaleVersion as exc:
                 skipped[str(image_id)] = exc.message
                 continue

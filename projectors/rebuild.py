@@ -40,6 +40,7 @@ from projectors.views.task_cache import GENERATION_TTL_S, TaskCache, TaskCachePr
 log = structlog.get_logger(__name__)
 
 SWITCH_SETTLE_S = 10.0  # how long the live projector may take to commit a batch in hand
+REPLAY_BATCH = 2000
 
 
 @dataclass
@@ -99,8 +100,10 @@ class Rebuild:
         found drift (the copy is kept, unfinished, for inspection)."""
         copy = self.prepare()
         group = f"{self.settings.topic_prefix}.{self.view}.rebuild.{copy.replace(':', '-')}"
-        runtime = ConsumerRuntime(self.settings, self.projector(copy), group_id=group,
-                                  stop=self.stop)
+        # Larger batches than the live projector's: a replay is throughput, not latency.
+        replay = self.settings.model_copy(update={"projector_batch_size": max(
+            REPLAY_BATCH, self.settings.projector_batch_size)})
+        runtime = ConsumerRuntime(replay, self.projector(copy), group_id=group, stop=self.stop)
         thread = threading.Thread(target=runtime.run, name="rebuild", daemon=True)
         thread.start()
         started = time.monotonic()
@@ -183,10 +186,14 @@ class SearchRebuild(Rebuild):
                                index=copy)
 
     def verify(self, copy: str) -> list[str]:
-        return self._verify_copy(copy) if self._verify_copy else []
+        if self._verify_copy is None:
+            return []
+        self.es.indices.refresh(index=copy)  # the audit's scan searches it
+        return self._verify_copy(copy)
 
     def switch(self, copy: str) -> None:
         """Point the alias at the new index and away from the old, in one call."""
+        self.es.indices.refresh(index=copy)  # the replay wrote without refreshing
         old = aliased_indices(self.es, self.alias)
         actions = [{"remove": {"index": i, "alias": self.alias}} for i in old]
         actions.append({"add": {"index": copy, "alias": self.alias}})

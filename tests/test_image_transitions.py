@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, text
 
-from images.policy import TERMINAL, TRANSITIONS, ImageState, deadline_seconds
+from images.policy import RETRYABLE, TERMINAL, TRANSITIONS, ImageState, deadline_seconds
 from images.store import (
     IllegalTransition,
     StaleVersion,
@@ -59,8 +59,9 @@ def test_transition_bumps_version_sets_deadline_and_emits_full_document(engine, 
 
 def test_terminal_states_have_no_deadline(migrated):
     assert all(deadline_seconds(s, migrated) is None for s in TERMINAL)
-    assert not any(src in TERMINAL and dst is not S.DELETED for src, dst in TRANSITIONS
-                   if src is not S.DELETED)
+    # Out of a final state: only deletion, or an operator's retry of a failed one.
+    assert not any(src in TERMINAL and dst is not S.DELETED and RETRYABLE.get(src) != dst
+                   for src, dst in TRANSITIONS if src is not S.DELETED)
 
 
 def test_illegal_transition_writes_nothing(engine, migrated):

@@ -23,8 +23,8 @@ class EditingDuringOcrWorker(OcrWorker):
         super().__init__(*args, **kwargs)
         self._edit = edit
 
-    def _recognize(self, image):
-        result = super()._recognize(image)
+    def _recognize(self, data):
+        result = super()._recognize(data)
         self._edit()
         return result
 

@@ -60,7 +60,7 @@ def _state(api, image_id: str) -> str:
 
 
 def test_a_failed_image_is_retried_and_its_trace_shows_every_step(cfg, pipeline, api):
-    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50
+    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 5000
     created = api.post("/v1/images", json={
         "filename": "scan.png", "content_type": "image/png", "size": len(corrupt),
         "metadata": {"title": "Retried receipt"}},
@@ -72,10 +72,12 @@ def test_a_failed_image_is_retried_and_its_trace_shows_every_step(cfg, pipeline,
 
     refused = cli(cfg, "retry", image_id.replace("-", "")[:8])
     assert refused.returncode == 2  # not an id: a clear error, nothing done
-    # The cause is fixed (a readable object), then the operator retries.
+    # The cause is fixed (the client uploads a readable image of the declared size), then
+    # the operator retries: the retry verifies the new object and pins it.
+    fixed = text_image(["Retried receipt", "Total 7.00"])
+    assert len(fixed) <= len(corrupt)
     s3_client(cfg).put_object(Bucket=cfg.s3_bucket, Key=object_key("org-a", image_id),
-                              Body=text_image(["Retried receipt", "Total 7.00"]),
-                              ContentType="image/png")
+                              Body=fixed.ljust(len(corrupt), b"\0"), ContentType="image/png")
     done = cli(cfg, "retry", "--state", "ocr_failed")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["retried"] == [image_id]

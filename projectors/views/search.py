@@ -63,7 +63,10 @@ class SearchProjector:
         actions = [self._action(e) for e in latest.values()]
         # require_alias: a write never creates an index under the alias's name (with a
         # dynamic mapping) when the alias is missing; it fails and is waited out.
-        _, errors = helpers.bulk(self._es, actions, raise_on_error=False, refresh="wait_for",
+        # Live: a write is searchable when its batch commits. A rebuilt index serves no one
+        # until the switch, which refreshes it once.
+        _, errors = helpers.bulk(self._es, actions, raise_on_error=False,
+                                 refresh=False if self._rebuilding else "wait_for",
                                  require_alias=not self._rebuilding)
         unavailable = [x for x in errors if _status(x) in _UNAVAILABLE or _missing_index(x)]
         if unavailable:

@@ -95,7 +95,7 @@ class OcrWorker:
             return
         try:
             result = (OcrResult(**{**hit, "checksum": checksum}) if hit is not None else
-                      replace(recognize(data, self._settings.ocr_languages), checksum=checksum))
+                      replace(self._recognize(data), checksum=checksum))
         except Exception as exc:  # the engine refused these bytes: a failed attempt
             self._fail(running, f"{type(exc).__name__}: {exc}")
             return
@@ -112,6 +112,10 @@ class OcrWorker:
             transition(conn, done, S.EMBEDDING_PENDING, self._settings)
         log.info("ocr_done", image=event.aggregate_id, chars=len(result.text),
                  language=result.language)
+
+    def _recognize(self, data: bytes) -> OcrResult:
+        """Run the engine on the image's bytes."""
+        return recognize(data, self._settings.ocr_languages)
 
     def _still_pending(self, event: EventEnvelope) -> bool:
         """The image still waits for this event's OCR (a cheap, unlocked look first)."""
