@@ -53,10 +53,11 @@ demo: up
 	@set -a; . .outbox/env; set +a; $(BIN)/outbox demo
 
 bench: up
-	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay
+	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay && $(BIN)/python -m bench.repair
 
 bench-quick: up
-	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay --quick
+	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay --quick && \
+		$(BIN)/python -m bench.repair --quick
 
 # Installs torch (CPU build, about 1.6 GB) and all-MiniLM-L6-v2 to compare with the default.
 bench-embeddings: $(STAMP)
