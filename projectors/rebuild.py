@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 
 import redis
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 from elasticsearch import Elasticsearch
 
 from outbox.kafka import topic_name
@@ -71,6 +72,16 @@ def committed(settings: ProjectorSettings, group: str, topics: list[str]
         return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in got}
     finally:
         consumer.close()
+
+
+def live_members(settings: ProjectorSettings, group: str) -> int:
+    """How many consumers `group` has now (assumed some when the broker cannot say)."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    except KafkaException:
+        return 1
+    return len(described.members)
 
 
 class Rebuild:
