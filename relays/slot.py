@@ -152,9 +152,12 @@ class SlotKeeper:
         record = self.record()
         since = None if record is None else (record.acked_commit_at or record.backfilled_at)
         state = self.state()
-        SLOT_RECREATIONS.labels(reason.split(":")[0]).inc()
-        log.warning("slot_recreating", slot=self.slot, reason=reason,
-                    backfill_since=since.isoformat() if since else "the beginning")
+        first = record is None and state is None  # a new installation, not a repair
+        if not first:
+            SLOT_RECREATIONS.labels(reason.split(":")[0]).inc()
+        (log.info if first else log.warning)(
+            "slot_creating" if first else "slot_recreating", slot=self.slot, reason=reason,
+            backfill_since=since.isoformat() if since else "the beginning")
         if state is not None:
             self.conn.execute("select pg_drop_replication_slot(%s)", (self.slot,))
         self.conn.execute("delete from relay_slot where slot_name = %s", (self.slot,))
