@@ -114,7 +114,8 @@ class Rebuild:
         # Larger batches than the live projector's: a replay is throughput, not latency.
         replay = self.settings.model_copy(update={"projector_batch_size": max(
             REPLAY_BATCH, self.settings.projector_batch_size)})
-        runtime = ConsumerRuntime(replay, self.projector(copy), group_id=group, stop=self.stop)
+        runtime = ConsumerRuntime(replay, self.projector(copy), group_id=group, stop=self.stop,
+                                  track_end=True)
         thread = threading.Thread(target=runtime.run, name="rebuild", daemon=True)
         thread.start()
         started = time.monotonic()
@@ -150,15 +151,25 @@ class Rebuild:
     def _follow(self, group: str, runtime: ConsumerRuntime,
                 target: dict[tuple[str, int], int] | None = None) -> None:
         """Consume until the rebuild's committed position reaches `target` (default: the
-        live projector's, read as it moves)."""
+        live projector's, read as it moves). When the live projector never committed (it
+        never ran, or its offsets expired), that position says nothing: the target is then
+        the end of the log, every partition read to its end."""
         while not self.stop.is_set():
-            goal = target or committed(self.settings, self.live_group, self.topics)
-            mine = committed(self.settings, group, self.topics)
+            try:
+                goal = target or committed(self.settings, self.live_group, self.topics)
+                mine = committed(self.settings, group, self.topics)
+            except KafkaException as exc:  # the broker restarting: ask again
+                log.warning("rebuild_position_unavailable", error=str(exc))
+                time.sleep(self._poll_s)
+                continue
             lag = sum(max(0, off - mine.get(tp, 0)) for tp, off in goal.items())
             self.progress.lag = lag
             self.progress.applied = runtime.applied
             self._on_progress(self.progress)
-            if goal and lag == 0:
+            if any(goal.values()):
+                if lag == 0:
+                    return
+            elif goal and runtime.at_end >= set(goal):
                 return
             time.sleep(self._poll_s)
         raise InterruptedError("the rebuild was stopped; run it again to resume")

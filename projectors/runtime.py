@@ -63,7 +63,10 @@ class ConsumerRuntime:
     """Runs one projector in a consumer group until `stop` is set."""
 
     def __init__(self, settings: ProjectorSettings, projector: Projector, *,
-                 group_id: str | None = None, stop: threading.Event | None = None) -> None:
+                 group_id: str | None = None, stop: threading.Event | None = None,
+                 track_end: bool = False) -> None:
+        """`track_end`: note in `at_end` the partitions read to their end (a replay uses it
+        to know it has read the whole log)."""
         self.settings = settings
         self.projector = projector
         self.stop = stop or threading.Event()
@@ -75,8 +78,10 @@ class ConsumerRuntime:
         self._revoked = False
         self._assigned = 0
         self._dlq_errors: list[str] = []
-        self._consumer = Consumer(consumer_config(settings, self.group_id,
-                                                  settings.projector_session_timeout_ms))
+        self.at_end: set[tuple[str, int]] = set()
+        self._consumer = Consumer(consumer_config(
+            settings, self.group_id, settings.projector_session_timeout_ms,
+            **({"enable.partition.eof": True} if track_end else {})))
         self._dlq = Producer(producer_config(settings))
         self._topic_admin = TopicManager(settings)
 
@@ -119,12 +124,16 @@ class ConsumerRuntime:
         self._revoked = False
         self._dlq_errors.clear()
         items: list[tuple[Message, EventEnvelope]] = []
+        ends: set[tuple[str, int]] = set()  # read to the end: noted once committed
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    ends.add((msg.topic(), msg.partition()))
+                else:
                     log.warning("consume_error", error=str(err))
                 continue
+            self.at_end.discard((msg.topic(), msg.partition()))
             try:
                 items.append((msg, EventEnvelope.from_json(msg.value() or b"")))
             except (ValidationError, ValueError) as exc:
@@ -142,6 +151,7 @@ class ConsumerRuntime:
             self._paused_wait(1.0)
             return
         self._commit(msgs)
+        self.at_end |= ends
         if items:
             self.applied += len(items)
             APPLIED.labels(self.projector.name).inc(len(items))

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 import redis
 from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from app.api.app import create_app
 from app.audit import Auditor
@@ -23,6 +25,7 @@ from app.sample_images import text_image
 from images.storage import s3_client
 from images.store import load_image, resync
 from outbox.db import make_engine
+from projectors.rebuild import SearchRebuild
 from projectors.views.search_index import aliased_indices
 from tests.auth import AUTH_A
 from tests.images import upload
@@ -138,8 +141,7 @@ def test_a_rebuild_killed_halfway_completes_when_run_again(cfg, pipeline, api):
     engine = make_engine(cfg)
     for _ in range(300):  # a long log, so the replay takes a while
         with engine.begin() as conn:
-            resync(conn, load_image(conn, "org-a", __import__("uuid").UUID(image),
-                                    for_update=True))
+            resync(conn, load_image(conn, "org-a", uuid.UUID(image), for_update=True))
     wait_for(lambda: _searchable(api, image), what="the live view caught up")
     es = Elasticsearch(cfg.es_url)
     live = aliased_indices(es, cfg.es_index)
@@ -181,3 +183,20 @@ def test_the_task_cache_is_rebuilt_as_a_new_generation(cfg, pipeline, api):
     time.sleep(1.1)  # readers follow the pointer within a second
     assert api.get(f"/v1/images/{image}", headers=AUTH_A).json()["tasks"] == before
     r.close()
+
+
+def test_a_rebuild_with_no_live_position_reads_the_whole_log(cfg, pipeline, api):
+    image = _submit(api, "No live position")
+    wait_for(lambda: _searchable(api, image), what="searchable")
+    es = Elasticsearch(cfg.es_url)
+    rebuild = SearchRebuild(cfg, es)
+    # As if the live projector had never committed (never ran, or its offsets expired):
+    # its position says nothing, so the rebuild must read the log to its end.
+    rebuild.live_group = f"{cfg.topic_prefix}.search.never-ran"
+    summary = rebuild.run(keep_old=True)
+    with make_engine(cfg).connect() as conn:
+        images = conn.execute(text("select count(*) from image where state <> 'deleted'")
+                              ).scalar()
+    es.indices.refresh(index=summary["copy"])
+    assert es.count(index=summary["copy"])["count"] == images
+    es.close()
