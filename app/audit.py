@@ -215,21 +215,12 @@ class Auditor:
     def _orphans(self, hits: list[dict[str, Any]]) -> Iterator[Finding]:
         if not hits:
             return
-        ids = []
-        for h in hits:
-            try:
-                ids.append(uuid.UUID(h["_id"]))
-            except ValueError:
-                continue
+        ids = {h["_id"]: _as_uuid(h["_id"]) for h in hits}
         with self._engine.connect() as conn:
             known = set(conn.execute(select(image_table.c.id).where(
-                image_table.c.id.in_(ids))).scalars())
+                image_table.c.id.in_([i for i in ids.values() if i]))).scalars())
         for h in hits:
-            try:
-                present = uuid.UUID(h["_id"]) in known
-            except ValueError:
-                present = False
-            if not present:
+            if ids[h["_id"]] not in known:
                 yield Finding("view_orphan", h["_id"], h["_source"].get("org_id"),
                               f"in the view at version {h.get('_version')} with no row",
                               held_version=h.get("_version"))
@@ -273,6 +264,13 @@ class Auditor:
             yield Finding("object_orphan", str(row.id), row.org_id,
                           f"object kept although the image is {row.state}",
                           object_key=obj["Key"])
+
+
+def _as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 class Repairer:

@@ -142,7 +142,6 @@ class LogicalRelay:
         self._acked_commit_at: float | None = None
         self._confirmed = 0  # what the server was told
         self._last_status = 0.0
-        self.oldest_pending_commit: float | None = None  # commit time of the oldest unacked
 
     def setup(self) -> None:
         """Heal the publication, recreate the slot when it cannot be streamed as it is (with
@@ -217,8 +216,6 @@ class LogicalRelay:
             elif tag == 0x42:  # 'B'
                 in_txn = True
                 commit_time = (_BEGIN.unpack_from(msg, 1)[1] + PG_EPOCH_OFFSET_US) / 1e6
-                if self.oldest_pending_commit is None:
-                    self.oldest_pending_commit = commit_time
             elif tag == 0x43:  # 'C'
                 in_txn = False
                 batch_end = _COMMIT.unpack_from(msg, 1)[2]
@@ -238,7 +235,6 @@ class LogicalRelay:
             self.acked_lsn = max(self.acked_lsn, batch_end)
             self.acked_seq = max(self.acked_seq, batch_seq)
             self._acked_commit_at = last_commit_time or self._acked_commit_at
-            self.oldest_pending_commit = None
         elif stream.server_wal_end > self.acked_lsn:
             # Idle, nothing open: everything the server decoded so far was sent and acked.
             self.acked_lsn = stream.server_wal_end

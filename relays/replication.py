@@ -63,7 +63,6 @@ class ReplicationConnection:
     def __init__(self, dsn: str) -> None:
         self._conn = psycopg.connect(dsn, replication="database", autocommit=True)
         self._pg = self._conn.pgconn
-        self.streaming = False
         self.server_wal_end = 0  # how far the server said it has decoded (keepalives)
         self.request_status = False  # the server asked for a status update
 
@@ -84,7 +83,6 @@ class ReplicationConnection:
             f"(proto_version '1', publication_names '\"{publication}\"')")
         if self._pg.status != pq.ConnStatus.OK:
             raise ReplicationError("the server refused START_REPLICATION")
-        self.streaming = True
 
     def read(self, timeout_s: float) -> bytes | None:
         """The pgoutput message of the next XLogData frame, waiting at most `timeout_s`;
@@ -101,7 +99,6 @@ class ReplicationConnection:
                     self._pg.consume_input()
                 continue
             if nbytes < 0:
-                self.streaming = False
                 message = self._pg.get_result()
                 error = message.error_message.decode(errors="replace") if message else ""
                 raise ReplicationError(f"the replication stream ended: {error.strip()}")

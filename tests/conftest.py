@@ -149,3 +149,16 @@ def relays(relay_settings: AppSettings, tmp_path) -> Iterator:
     for p in started:
         p.stop()
     drop_slot_and_publication(relay_settings)
+
+
+@pytest.fixture(scope="module")
+def pipeline(cfg: AppSettings) -> Iterator:
+    """The relay and the four projectors on threads, for a module's own `cfg` fixture."""
+    from tests.pipeline_harness import PROJECTOR_NAMES, Pipeline
+
+    p = Pipeline(cfg)
+    p.start_relay()
+    for name in PROJECTOR_NAMES:
+        p.start_projector(name)
+    yield p
+    p.stop()

@@ -19,7 +19,7 @@ from app.sample_images import text_image
 from images.storage import s3_client
 from tests.auth import AUTH_A
 from tests.images import upload
-from tests.pipeline_harness import PROJECTOR_NAMES, Pipeline, isolated_settings, wait_for
+from tests.pipeline_harness import isolated_settings, wait_for
 from tests.relay_harness import settings_env
 
 pytestmark = pytest.mark.slow
@@ -29,16 +29,6 @@ pytestmark = pytest.mark.slow
 def cfg():
     with isolated_settings("aud") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def pipeline(cfg):
-    p = Pipeline(cfg)
-    p.start_relay()
-    for name in PROJECTOR_NAMES:
-        p.start_projector(name)
-    yield p
-    p.stop()
 
 
 @pytest.fixture(scope="module")

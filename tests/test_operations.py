@@ -19,7 +19,7 @@ from images.storage import object_key, s3_client
 from outbox.kafka import dlq_topic, topic_name
 from tests.auth import AUTH_A, AUTH_B
 from tests.images import upload
-from tests.pipeline_harness import PROJECTOR_NAMES, Pipeline, isolated_settings, wait_for
+from tests.pipeline_harness import isolated_settings, wait_for
 from tests.relay_harness import settings_env
 
 pytestmark = pytest.mark.slow
@@ -31,16 +31,6 @@ TRACE = "0af7651916cd43dd8448eb211c80319c"
 def cfg():
     with isolated_settings("ops") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def pipeline(cfg):
-    p = Pipeline(cfg)
-    p.start_relay()
-    for name in PROJECTOR_NAMES:
-        p.start_projector(name)
-    yield p
-    p.stop()
 
 
 @pytest.fixture(scope="module")

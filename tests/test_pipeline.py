@@ -24,7 +24,6 @@ from tests.auth import AUTH_A
 from tests.images import upload
 from tests.pipeline_harness import (
     PROJECTOR_NAMES,
-    Pipeline,
     isolated_settings,
     metric,
     wait_for,
@@ -40,16 +39,6 @@ CHINESE = ["超市购物收据", "牛奶 面包 鸡蛋"]
 def cfg():
     with isolated_settings("pipe") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def pipeline(cfg):
-    p = Pipeline(cfg)
-    p.start_relay()
-    for name in PROJECTOR_NAMES:
-        p.start_projector(name)
-    yield p
-    p.stop()
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,6 @@ from projectors.views.search_index import aliased_indices
 from tests.auth import AUTH_A
 from tests.images import upload
 from tests.pipeline_harness import (
-    PROJECTOR_NAMES,
-    Pipeline,
     isolated_settings,
     metric,
     wait_for,
@@ -45,16 +43,6 @@ pytestmark = pytest.mark.slow
 def cfg():
     with isolated_settings("reb") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def pipeline(cfg):
-    p = Pipeline(cfg)
-    p.start_relay()
-    for name in PROJECTOR_NAMES:
-        p.start_projector(name)
-    yield p
-    p.stop()
 
 
 @pytest.fixture(scope="module")
