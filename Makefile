@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .outbox/.apt-installed
 APT_PACKAGES := postgresql redis-server tesseract-ocr tesseract-ocr-eng tesseract-ocr-chi-sim fonts-wqy-microhei curl
 
-.PHONY: bootstrap up down status test lint demo bench bench-quick bench-embeddings clean
+.PHONY: bootstrap up down status test lint demo bench bench-quick bench-embeddings faults clean
 
 bootstrap: $(STAMP) $(APT_STAMP)
 
@@ -51,6 +51,12 @@ test: up lint
 
 demo: up
 	@set -a; . .outbox/env; set +a; $(BIN)/outbox demo
+
+# The fault suite at full size; writes bench/results/faults.{md,json}. `make test` runs the
+# same scenarios, short.
+faults: up
+	@set -a; . .outbox/env; set +a; OUTBOX_FAULTS_SCALE=full $(BIN)/pytest -q tests/faults; \
+		status=$$?; cat bench/results/faults.md; exit $$status
 
 bench: up
 	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay && $(BIN)/python -m bench.repair

@@ -15,6 +15,11 @@ class AppSettings(ProjectorSettings):
     api_keys: SecretStr = Field(
         default=SecretStr(""), description='"key1:org1,key2:org2": API key -> org id'
     )
+    max_request_body_bytes: int = Field(
+        default=128 * 1024, ge=1024,
+        description="request bodies over this are refused (413) before they are parsed; the "
+        "largest valid body, every text field at its limit in escaped JSON, is about 90 KB",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,11 @@ class ImageSettings(Settings):
     s3_endpoint: str | None = "http://127.0.0.1:18333"
     s3_bucket: str = "outbox-blobs"
     max_upload_bytes: int = 10 * 1024 * 1024
-    upload_url_ttl_s: int = 900
+    upload_url_ttl_s: int = Field(
+        default=900, ge=1,
+        description="the presigned POST of a new image is valid this long (the API caps it at "
+        "15 minutes)",
+    )
 
     # Deadlines of the resource states (seconds) and the OCR/embedding attempt budget.
     deadline_requested_s: int = 15 * 60

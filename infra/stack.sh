@@ -212,7 +212,10 @@ start_search() {
 }
 
 write_env() {
+    # Tansu 0.6 acknowledges an idempotent batch that was in flight when it stopped, then
+    # loses it: its producers run without idempotence (in order, a retry may duplicate).
     cat >"$STATE/env" <<EOF
+OUTBOX_KAFKA_IDEMPOTENCE=false
 OUTBOX_DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB
 OUTBOX_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 OUTBOX_S3_ENDPOINT=http://127.0.0.1:$S3_PORT

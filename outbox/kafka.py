@@ -1,8 +1,8 @@
 """Kafka configuration and naming shared by every client of the sidecar.
 
 Topics are `<prefix>.<aggregate_type>`; dead letters of a consumer (a projector, or `relay`)
-go to `<topic>.dlq.<consumer>`. Producers are idempotent with `acks=all`; consumers commit
-by hand, after their effects.
+go to `<topic>.dlq.<consumer>`. Producers use `acks=all` and are idempotent unless
+`OUTBOX_KAFKA_IDEMPOTENCE=false`; consumers commit by hand, after their effects.
 
 Retention: the log keeps every event. The views are rebuilt by replaying the topics from
 offset 0, so an event the broker deleted would be missing from every rebuilt view; topics are
@@ -42,10 +42,16 @@ def dlq_topic(topic: str, consumer: str) -> str:
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Producer settings shared by the relays, the dead-letter writers and the benchmark."""
+    idempotent = settings.kafka_idempotence
     return {
         "bootstrap.servers": settings.kafka_bootstrap,
-        "enable.idempotence": True,
+        "enable.idempotence": idempotent,
+        # Without idempotence, a retried request behind another one in flight would land
+        # after it: one at a time keeps each partition in order.
+        **({} if idempotent else {"max.in.flight.requests.per.connection": 1}),
         "acks": "all",
+        # Back within a second of a broker's return (the default backs off up to 10 s).
+        "reconnect.backoff.max.ms": 1000,
         "linger.ms": 5,
         "batch.num.messages": 10000,
         "queue.buffering.max.messages": 200000,

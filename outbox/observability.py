@@ -46,6 +46,9 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # At DEBUG, botocore logs each request's SigV4 Authorization header (replayable for that
+    # request): never below INFO.
+    logging.getLogger("botocore").setLevel(max(logging.INFO, root.level))
     structlog.contextvars.bind_contextvars(service=service)
 
 

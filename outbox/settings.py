@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://outbox:outbox@127.0.0.1:15432/outbox"
     db_schema: str = Field(default="public", description="schema holding the outbox tables")
     kafka_bootstrap: str = "127.0.0.1:19092"
+    kafka_idempotence: bool = Field(
+        default=True,
+        description="idempotent producers; turn off for a broker whose idempotence loses a "
+        "batch in flight at its restart (Tansu 0.6, see README): one request in flight per "
+        "connection then keeps the order, and a retry may duplicate")
     topic_prefix: str = "outbox"
     topic_partitions: int = 3
     topic_replication_factor: int | None = Field(

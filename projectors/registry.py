@@ -19,30 +19,33 @@ from projectors.workers.embed import EmbeddingWorker
 from projectors.workers.embedder import get_embedder
 from projectors.workers.ocr import OcrWorker
 
+StopCheck = Callable[[], bool]
+
 # Defaults that let the four projectors run side by side on one host.
 METRICS_PORTS = {"ocr": 9465, "embed": 9466, "search": 9467, "cache": 9468}
 
 
-def _ocr(s: ProjectorSettings, stop: threading.Event) -> Projector:
-    # OCR takes about a second per image: it checks for a stop between images.
-    return OcrWorker(s, make_engine(s), s3_client(s), should_stop=stop.is_set)
+def _ocr(s: ProjectorSettings, should_stop: StopCheck) -> Projector:
+    # OCR takes about a second per image: it checks between images for a stop, or for its
+    # batch being revoked.
+    return OcrWorker(s, make_engine(s), s3_client(s), should_stop=should_stop)
 
 
-def _embed(s: ProjectorSettings, stop: threading.Event) -> Projector:
+def _embed(s: ProjectorSettings, should_stop: StopCheck) -> Projector:
     return EmbeddingWorker(s, make_engine(s), get_embedder(s.embedding_model))
 
 
-def _search(s: ProjectorSettings, stop: threading.Event) -> Projector:
+def _search(s: ProjectorSettings, should_stop: StopCheck) -> Projector:
     tasks = TaskCache(s, redis.Redis.from_url(s.redis_url))
     return SearchProjector(s, Elasticsearch(s.es_url), tasks)
 
 
-def _cache(s: ProjectorSettings, stop: threading.Event) -> Projector:
+def _cache(s: ProjectorSettings, should_stop: StopCheck) -> Projector:
     client = redis.Redis.from_url(s.redis_url)
     return TaskCacheProjector(TaskCache(s, client), client)
 
 
-PROJECTORS: dict[str, Callable[[ProjectorSettings, threading.Event], Projector]] = {
+PROJECTORS: dict[str, Callable[[ProjectorSettings, StopCheck], Projector]] = {
     "ocr": _ocr, "embed": _embed, "search": _search, "cache": _cache,
 }
 
@@ -51,8 +54,10 @@ def build_runtime(settings: ProjectorSettings, name: str, *, group_id: str | Non
                   stop: threading.Event | None = None) -> ConsumerRuntime:
     """The consumer runtime of projector `name`."""
     stop = stop or threading.Event()
-    return ConsumerRuntime(settings, PROJECTORS[name](settings, stop), group_id=group_id,
-                           stop=stop)
+    abandon = threading.Event()
+    projector = PROJECTORS[name](settings, lambda: stop.is_set() or abandon.is_set())
+    return ConsumerRuntime(settings, projector, group_id=group_id, stop=stop,
+                           abandon=abandon)
 
 
 def serve_projector(settings: ProjectorSettings, name: str, host: str, port: int) -> int:

@@ -4,7 +4,9 @@ Poll a batch, decode it (undecodable messages go to `<topic>.dlq.<projector>` wi
 reason in headers), hand it to the projector, and commit the offsets of exactly what was
 applied, never before. A batch is applied and committed before the next poll, so a rebalance
 never finds applied-but-uncommitted work; a revocation during a retry abandons the batch
-(it is redelivered to the new owner). Errors, always with the partitions paused: an
+(it is redelivered to the new owner). A batch runs on an applier thread while this one keeps
+polling with the partitions paused, so a batch longer than `max.poll.interval.ms` (many OCR
+images) keeps the group membership. Errors, always with the partitions paused: an
 unreachable sink (see `transient_errors`) is retried until it is back or the process
 stops; any other error gets bounded retries, then each message is applied alone and the
 ones that still fail go to the DLQ. A batch that is neither applied nor dead-lettered is
@@ -16,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -37,6 +40,9 @@ from projectors.settings import ProjectorSettings
 from projectors.transient_errors import is_transient
 
 log = structlog.get_logger(__name__)
+# A batch that takes longer than this starts the keep-alive polling (fast batches never
+# pause and resume their partitions).
+KEEPALIVE_AFTER_S = 1.0
 
 
 class BatchInterrupted(Exception):
@@ -64,12 +70,15 @@ class ConsumerRuntime:
 
     def __init__(self, settings: ProjectorSettings, projector: Projector, *,
                  group_id: str | None = None, stop: threading.Event | None = None,
-                 track_end: bool = False) -> None:
-        """`track_end`: note in `at_end` the partitions read to their end (a replay uses it
-        to know it has read the whole log)."""
+                 abandon: threading.Event | None = None, track_end: bool = False) -> None:
+        """`abandon`: set while the batch in hand was revoked (a projector that can stop
+        between items checks it, as it checks `stop`). `track_end`: note in `at_end` the
+        partitions read to their end (a replay uses it to know it has read the whole log)."""
         self.settings = settings
         self.projector = projector
         self.stop = stop or threading.Event()
+        self.abandon = abandon or threading.Event()
+        self._applier = ThreadPoolExecutor(1, thread_name_prefix=f"apply-{projector.name}")
         self.group_id = group_id or f"{settings.topic_prefix}.{projector.name}"
         self.topics = [topic_name(settings.topic_prefix, t) for t in projector.aggregate_types]
         self.last_applied_at: float | None = None
@@ -81,6 +90,7 @@ class ConsumerRuntime:
         self.at_end: set[tuple[str, int]] = set()
         self._consumer = Consumer(consumer_config(
             settings, self.group_id, settings.projector_session_timeout_ms,
+            **{"max.poll.interval.ms": settings.projector_max_poll_interval_ms},
             **({"enable.partition.eof": True} if track_end else {})))
         self._dlq = Producer(producer_config(settings))
         self._topic_admin = TopicManager(settings)
@@ -95,6 +105,7 @@ class ConsumerRuntime:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._revoked = True
+        self.abandon.set()
         self._assigned = 0
         log.info("partitions_revoked", partitions=[(p.topic, p.partition) for p in partitions])
 
@@ -116,12 +127,14 @@ class ConsumerRuntime:
                     self._handle(msgs)
         finally:
             self._consumer.close()  # leaves the group at once, so a rebalance is quick
+            self._applier.shutdown()
             self._dlq.flush(10)
             self.projector.close()
             log.info("projector_stopped", projector=self.projector.name)
 
     def _handle(self, msgs: list[Message]) -> None:
         self._revoked = False
+        self.abandon.clear()
         self._dlq_errors.clear()
         items: list[tuple[Message, EventEnvelope]] = []
         ends: set[tuple[str, int]] = set()  # read to the end: noted once committed
@@ -181,7 +194,7 @@ class ConsumerRuntime:
         attempt = failures = 0
         while True:
             try:
-                self.projector.apply(events)
+                self._apply(events)
                 self.sink_unavailable_since = None
                 return True
             except BatchInterrupted:
@@ -206,7 +219,7 @@ class ConsumerRuntime:
                     return False
         for msg, env in items:  # isolate the poison message(s); the rest are applied
             try:
-                self.projector.apply([env])
+                self._apply([env])
             except BatchInterrupted:
                 return False
             except Exception as exc:
@@ -214,6 +227,22 @@ class ConsumerRuntime:
                     return False
                 self._dead_letter(msg, f"apply failed: {exc}".replace("\n", " ")[:500])
         return True
+
+    def _apply(self, events: list[EventEnvelope]) -> None:
+        """Run the projector on the applier thread; past KEEPALIVE_AFTER_S, poll with the
+        partitions paused until it returns, so the consumer stays in its group. Re-raises
+        what the projector raised."""
+        future = self._applier.submit(self.projector.apply, events)
+        if wait([future], KEEPALIVE_AFTER_S).not_done:
+            assignment = self._consumer.assignment()
+            self._consumer.pause(assignment)
+            try:
+                while not future.done():
+                    self._poll_paused(0.2)
+            finally:
+                if not self._revoked:
+                    self._consumer.resume(assignment)
+        future.result()
 
     def _paused_wait(self, seconds: float) -> bool:
         """Wait with the partitions paused (no fetching, no spinning) while still serving
@@ -223,16 +252,19 @@ class ConsumerRuntime:
         deadline = time.monotonic() + seconds
         try:
             while time.monotonic() < deadline and not self._revoked and not self.stop.is_set():
-                msg = self._consumer.poll(min(0.2, max(0.0, deadline - time.monotonic())))
-                if msg is not None and msg.error() is None:
-                    # From a partition assigned during the wait (not paused): read it again
-                    # later rather than skip it.
-                    self._consumer.seek(TopicPartition(msg.topic(), msg.partition(),
-                                                       msg.offset()))
+                self._poll_paused(min(0.2, max(0.0, deadline - time.monotonic())))
         finally:
             if not self._revoked:
                 self._consumer.resume(assignment)
         return not self._revoked and not self.stop.is_set()
+
+    def _poll_paused(self, timeout_s: float) -> None:
+        """One poll that serves group callbacks and the poll-interval timer. A message can
+        only come from a partition assigned meanwhile (not paused): it is read again later
+        rather than skipped."""
+        msg = self._consumer.poll(timeout_s)
+        if msg is not None and msg.error() is None:
+            self._consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
         topic = dlq_topic(msg.topic() or "unknown", self.projector.name)

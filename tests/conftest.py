@@ -42,7 +42,8 @@ def base_settings() -> AppSettings:
 def pg_schema(base_settings: AppSettings, uid: str) -> Iterator[str]:
     """A fresh PostgreSQL schema, dropped after the test."""
     name = f"t_{uid}"
-    engine = create_engine(base_settings.database_url)
+    # Pre-ping: a test may restart the server between setup and teardown.
+    engine = create_engine(base_settings.database_url, pool_pre_ping=True)
     with engine.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{name}"'))
     yield name

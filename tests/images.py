@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from typing import Any
 
 import requests
@@ -16,6 +18,19 @@ def png_bytes(text: str = "hello", size: tuple[int, int] = (120, 40)) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def undecodable_png() -> bytes:
+    """A PNG whose structure is sound (chunks, CRCs) but whose pixel data does not inflate: it
+    passes the check at confirmation and fails when OCR decodes it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 64, 32, 8, 0, 0, 0, 0)  # 64x32, 8-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x00garbage" * 50)
+            + chunk(b"IEND", b""))
 
 
 def upload(created: dict[str, Any], body: bytes, filename: str = "x.png") -> requests.Response:

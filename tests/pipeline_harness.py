@@ -58,8 +58,9 @@ class Pipeline:
         while not self.relay.leader:
             time.sleep(0.05)
 
-    def start_projector(self, name: str, group_id: str | None = None) -> ConsumerRuntime:
-        rt = build_runtime(self.settings, name, group_id=group_id)
+    def start_projector(self, name: str, group_id: str | None = None,
+                        settings: AppSettings | None = None) -> ConsumerRuntime:
+        rt = build_runtime(settings or self.settings, name, group_id=group_id)
         t = threading.Thread(target=rt.run, daemon=True, name=f"projector-{name}")
         t.start()
         self.threads.append(t)

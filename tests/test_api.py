@@ -179,10 +179,14 @@ def _object_exists(settings, key: str) -> bool:
     return s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=key).get("KeyCount", 0) > 0
 
 
-def test_non_image_bytes_are_rejected_and_deleted(api, engine, api_settings):
-    html = b"<html>not an image</html>"
-    created = _create(api, html)
-    assert upload(created, html).status_code in (200, 204)
+@pytest.mark.parametrize("body", [
+    b"<html>not an image</html>",
+    b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50,  # a PNG signature, then no image
+    png_bytes()[:200],  # a real PNG, cut short
+], ids=["html", "png-signature-then-garbage", "truncated-png"])
+def test_non_image_bytes_are_rejected_and_deleted(api, engine, api_settings, body):
+    created = _create(api, body)
+    assert upload(created, body).status_code in (200, 204)
     key = created["upload_fields"]["key"]
     assert _object_exists(api_settings, key)
     _assert_error(api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A), 415,

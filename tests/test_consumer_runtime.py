@@ -3,9 +3,8 @@ letters for messages that keep failing, commits only of what was applied."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import threading
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -19,6 +18,7 @@ from outbox.envelope import EventEnvelope
 from outbox.kafka import dlq_topic
 from projectors.runtime import ConsumerRuntime
 from relays.publisher import TopicManager
+from tests.own_redis import OwnRedis
 from tests.pipeline_harness import committed_offsets, wait_for
 
 pytestmark = pytest.mark.slow
@@ -88,33 +88,6 @@ class RedisSinkProjector:
 
     def close(self) -> None:
         self.client.close()
-
-
-class OwnRedis:
-    """A redis-server of the test's own on 127.0.0.1, started and stopped by its PID."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        wait_for(self._pings, timeout_s=10, interval_s=0.05, what="redis up")
-
-    def _pings(self) -> bool:
-        try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.2).ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -191,3 +164,38 @@ def test_a_message_that_keeps_failing_is_dead_lettered_and_the_rest_applied(runt
     dlq.close()
     assert [k for k, _ in got] == [b"bad"]
     assert got[0][1]["reason"].startswith(b"apply failed: sink refuses this document")
+
+
+class SlowProjector:
+    """A projector whose first batch takes longer than the consumer's max.poll.interval.ms
+    (as a batch of many OCR images can); it records every event it applies."""
+
+    name = "slow"
+    aggregate_types = ("thing",)
+
+    def __init__(self, first_batch_s: float) -> None:
+        self.first_batch_s = first_batch_s
+        self.applied: list[str] = []
+
+    def apply(self, events: list[EventEnvelope]) -> None:
+        if not self.applied:
+            threading.Event().wait(self.first_batch_s)
+        self.applied += [e.aggregate_id for e in events]
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_batch_longer_than_the_poll_interval_keeps_the_partitions(runtime_settings):
+    settings = runtime_settings.model_copy(update={"projector_max_poll_interval_ms": 7000})
+    projector = SlowProjector(first_batch_s=12)
+    names = [f"s{i}" for i in range(5)]
+    rt, t, topic = _run(settings, projector, names)
+    try:
+        wait_for(lambda: committed_offsets(settings, rt.group_id, topic) == 5, timeout_s=60,
+                 what="offsets committed")
+        time.sleep(3)  # a redelivery after an eviction would show by now
+        assert sorted(projector.applied) == names  # each applied once: never evicted
+    finally:
+        rt.stop.set()
+        t.join(30)

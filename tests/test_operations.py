@@ -18,7 +18,7 @@ from app.sample_images import text_image
 from images.storage import object_key, s3_client
 from outbox.kafka import dlq_topic, topic_name
 from tests.auth import AUTH_A, AUTH_B
-from tests.images import upload
+from tests.images import undecodable_png, upload
 from tests.pipeline_harness import isolated_settings, wait_for
 from tests.relay_harness import settings_env
 
@@ -50,7 +50,7 @@ def _state(api, image_id: str) -> str:
 
 
 def test_a_failed_image_is_retried_and_its_trace_shows_every_step(cfg, pipeline, api):
-    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 5000
+    corrupt = undecodable_png().ljust(45_000, b"\0")  # room for the fixed image below
     created = api.post("/v1/images", json={
         "filename": "scan.png", "content_type": "image/png", "size": len(corrupt),
         "metadata": {"title": "Retried receipt"}},

@@ -1,15 +1,18 @@
 """Outages and crafted input never become drift: a bucket outage costs no OCR attempt, a
 replaced object is never read, the declared size is enforced, read endpoints degrade to
-503, and a dead letter too large for its topic does not stop a projector."""
+503, a dead letter too large for its topic does not stop a projector, and a Redis out of
+memory is waited out."""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import redis
 from confluent_kafka import Producer
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
@@ -18,6 +21,7 @@ from pydantic import SecretStr
 from app.api.app import create_app
 from app.sample_images import text_image
 from images.storage import s3_client
+from outbox.envelope import EventEnvelope
 from outbox.kafka import dlq_topic, topic_name
 from projectors.registry import build_runtime
 from projectors.transient_errors import is_transient
@@ -25,7 +29,8 @@ from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import latest_event
 from tests.images import upload
-from tests.pipeline_harness import metric
+from tests.own_redis import OwnRedis
+from tests.pipeline_harness import metric, wait_for
 from tests.relay_harness import free_port
 
 
@@ -163,3 +168,42 @@ def test_a_dead_letter_too_large_for_its_topic_does_not_stop_a_projector(api_set
     finally:
         runtime.stop.set()
         thread.join(30)
+
+
+@pytest.mark.slow
+def test_a_redis_out_of_memory_is_waited_out_not_dead_lettered(api_settings):
+    server = OwnRedis()
+    server.start()
+    client = redis.Redis(port=server.port)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")  # every write is refused: OOM
+    settings = api_settings.model_copy(update={
+        "redis_url": f"redis://127.0.0.1:{server.port}/0", "projector_session_timeout_ms": 6000})
+    runtime = build_runtime(settings, "cache", group_id=f"oom-{uuid.uuid4().hex[:6]}")
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    dead = metric("outbox_projector_dead_letters_total", projector="cache")
+    topic = topic_name(settings.topic_prefix, "image")
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for image_id in ids:
+        producer.produce(topic, key=image_id.encode(), value=EventEnvelope(
+            id=uuid.uuid4(), type="image.ocr_requested", aggregate_type="image",
+            aggregate_id=image_id, aggregate_version=3, occurred_at=datetime.now(UTC),
+            payload={"id": image_id, "state": "ocr_pending", "version": 3,
+                     "attempts": 0}).to_json())
+    assert producer.flush(30) == 0
+    try:
+        wait_for(lambda: runtime.health()["status"] == "sink_unavailable", timeout_s=60,
+                 what="the outage noticed")
+        # Longer than the bounded retries of a message that fails for its own reasons.
+        time.sleep(6)
+        assert metric("outbox_projector_dead_letters_total", projector="cache") == dead
+        client.config_set("maxmemory", "0")
+        keys = [f"{settings.redis_prefix}:task:{i}" for i in ids]
+        wait_for(lambda: client.exists(*keys) == 3, timeout_s=60, what="applied after it")
+        assert metric("outbox_projector_dead_letters_total", projector="cache") == dead
+    finally:
+        runtime.stop.set()
+        thread.join(30)
+        server.stop()

@@ -21,7 +21,7 @@ from outbox.db import make_engine
 from outbox.kafka import dlq_topic
 from outbox.tables import outbox_table
 from tests.auth import AUTH_A
-from tests.images import upload
+from tests.images import undecodable_png, upload
 from tests.pipeline_harness import (
     PROJECTOR_NAMES,
     isolated_settings,
@@ -168,8 +168,7 @@ def test_undecodable_message_goes_to_dlq_and_the_rest_is_applied(cfg, pipeline, 
 
 
 def test_corrupt_object_ends_in_ocr_failed_with_its_error(cfg, pipeline, api):
-    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50
-    bad = submit(api, None, "broken scan", body=corrupt)
+    bad = submit(api, None, "broken scan", body=undecodable_png())
     doc = wait_for(lambda: (d := image(api, bad))["state"] == "ocr_failed" and d,
                    what="ocr_failed")
     assert doc["attempts"] == cfg.max_attempts

@@ -1,19 +1,24 @@
 """The reconciler repairs overdue images: lost confirmations, never-uploaded, abandoned,
 stuck OCR attempts and requests that never reached their worker, each through a guarded
-update with its event."""
+update with its event. An object uploaded after its image expired is found by the audit."""
 
 from __future__ import annotations
 
 import uuid
 
 import pytest
+import redis
+from botocore.exceptions import ClientError
+from elasticsearch import Elasticsearch
 from sqlalchemy import select, text
 
+from app.audit import Auditor, Repairer
 from app.reconciler import Reconciler
 from app.sample_images import text_image
 from images.storage import s3_client
 from images.store import transition
 from outbox.tables import outbox_table
+from projectors.views.search_index import ensure_index
 from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import events_of
@@ -121,3 +126,30 @@ def test_overdue_ocr_request_is_requeued_and_only_the_new_one_acts(api, engine, 
     worker.apply([newer])
     doc = _state(api, created["id"])
     assert doc["state"] == "embedding_pending" and "88" in doc["ocr"]["text"]
+
+
+def test_an_object_uploaded_after_its_image_expired_is_found_and_removed(
+        api, engine, reconciler, api_settings):
+    body = png_bytes()
+    created = _create(api, body)
+    _overdue(engine, created["id"])
+    assert reconciler.run_once() == {"expired": 1}
+    # The presigned POST outlives the image: the object arrives after the expiry.
+    assert upload(created, body).status_code in (200, 204)
+    es = Elasticsearch(api_settings.es_url)
+    client = redis.Redis.from_url(api_settings.redis_url)
+    s3 = s3_client(api_settings)
+    ensure_index(es, api_settings)
+    try:
+        # The bucket is shared with other tests: only this image's findings count.
+        findings = [f for f in Auditor(api_settings, engine, es, client, s3,
+                                       grace_s=0).findings() if f.image_id == created["id"]]
+        assert [f.kind for f in findings if f.kind.startswith("object_")] == ["object_orphan"]
+        findings = [f for f in findings if f.kind == "object_orphan"]
+        Repairer(api_settings, engine, s3).repair(findings[0])
+        with pytest.raises(ClientError):
+            s3.head_object(Bucket=api_settings.s3_bucket, Key=findings[0].object_key)
+    finally:
+        for index in es.indices.get(index=f"{api_settings.es_index}*"):
+            es.indices.delete(index=index)
+        es.close()

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import text
 
 from app.api.auth import ApiKeys
+from app.api.body_limit import BodySizeLimit
 from app.api.errors import install_error_handlers
 from app.api.images import ApiContext, image_router
 from app.api.search import search_router
@@ -56,6 +57,8 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="outbox-sidecar example API", version="1", lifespan=lifespan)
     install_error_handlers(app)
+    # Added before the metrics middleware, so that a refused body is counted too.
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
     app.include_router(image_router(ctx))
     app.include_router(search_router(ctx))
 

@@ -94,8 +94,13 @@ class OcrWorker:
             self._fail(running, failure)
             return
         try:
-            result = (OcrResult(**{**hit, "checksum": checksum}) if hit is not None else
-                      replace(self._recognize(data), checksum=checksum))
+            if hit is not None:
+                result = OcrResult(**{**hit, "checksum": checksum})
+            else:
+                # One line per engine run: the fault suite counts runs per attempt from it.
+                log.info("ocr_engine_run", image=event.aggregate_id,
+                         attempt=running["attempts"])
+                result = replace(self._recognize(data), checksum=checksum)
         except Exception as exc:  # the engine refused these bytes: a failed attempt
             self._fail(running, f"{type(exc).__name__}: {exc}")
             return
