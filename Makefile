@@ -59,11 +59,12 @@ faults: up
 		status=$$?; cat bench/results/faults.md; exit $$status
 
 bench: up
-	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay && $(BIN)/python -m bench.repair
+	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay && $(BIN)/python -m bench.repair \
+		&& $(BIN)/python -m bench.workers
 
 bench-quick: up
 	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay --quick && \
-		$(BIN)/python -m bench.repair --quick
+		$(BIN)/python -m bench.repair --quick && $(BIN)/python -m bench.workers --quick
 
 # Installs torch (CPU build, about 1.6 GB) and all-MiniLM-L6-v2 to compare with the default.
 bench-embeddings: $(STAMP)

@@ -96,6 +96,20 @@ def _wait_http(url: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
+def _wait_assigned(port: int, timeout_s: float = 60) -> None:
+    """Until the projector on `port` holds partitions: its group has formed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz",
+                            timeout=1).json().get("assigned_partitions"):
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the projector on port {port} got no partitions")
+
+
 def _submit(api: str, title: str, lines: list[str], metadata_first: bool) -> Upload:
     auth = {"Authorization": f"Bearer {DEMO_KEY}"}
     body = text_image(lines)
@@ -151,6 +165,9 @@ def run_demo(settings: AppSettings, state_dir: Path) -> int:
         _wait_http(f"{api}/healthz")
         for port in METRICS_PORTS.values():
             _wait_http(f"http://127.0.0.1:{port}/healthz")
+        # The burst below then measures the pipeline, not the consumer groups forming.
+        for name in ("ocr", "embed", "search", "cache"):
+            _wait_assigned(METRICS_PORTS[name])
         console.print(f"API {api}, relay and projectors running (logs: {procs.log_dir})")
         samples = SAMPLES["english"] + SAMPLES["chinese"]
         uploads = [_submit(api, doc["title"], doc["lines"], metadata_first=i % 2 == 0)

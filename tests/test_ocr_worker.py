@@ -1,5 +1,6 @@
 """The OCR worker against the real PostgreSQL and S3, with interleavings the pipeline's
-timing makes rare: a metadata edit while OCR runs, a stop in the middle of a batch."""
+timing makes rare: a metadata edit while OCR runs, a stop in the middle of a batch, and
+recognitions side by side."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def test_a_stop_mid_batch_hands_back_the_rest(api, api_settings, engine):
     first, second = _pending(api, ["Page one"]), _pending(api, ["Page two"])
     events = [latest_event(engine, first), latest_event(engine, second)]
     s3 = s3_client(api_settings)
-    stopping = StopAfterFirstImageWorker(api_settings, engine, s3, stop=threading.Event())
+    one_at_a_time = api_settings.model_copy(update={"ocr_concurrency": 1})
+    stopping = StopAfterFirstImageWorker(one_at_a_time, engine, s3, stop=threading.Event())
     with pytest.raises(BatchInterrupted):
         stopping.apply(events)
 
@@ -85,3 +87,46 @@ def test_a_stop_mid_batch_hands_back_the_rest(api, api_settings, engine):
     assert (state(first), state(second)) == (("embedding_pending", 1), ("ocr_pending", 0))
     OcrWorker(api_settings, engine, s3).apply(events)  # the redelivered batch
     assert (state(first), state(second)) == (("embedding_pending", 1), ("embedding_pending", 1))
+
+
+class CountingOverlapWorker(OcrWorker):
+    """The real worker, noting how many recognitions run at the same moment."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self.running = self.most = 0
+
+    def _recognize(self, data):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super()._recognize(data)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_recognitions_run_side_by_side_up_to_the_concurrency(api, api_settings, engine):
+    ids = [_pending(api, [f"Receipt {n}", "Total 3.50"]) for n in range(4)]
+    settings = api_settings.model_copy(update={"ocr_concurrency": 2})
+    worker = CountingOverlapWorker(settings, engine, s3_client(settings))
+    worker.apply([latest_event(engine, i) for i in ids])
+    worker.close()
+    assert worker.most == 2
+    for image_id in ids:
+        got = api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()
+        assert (got["state"], got["attempts"]) == ("embedding_pending", 1)
+
+
+def test_a_stop_lets_the_recognitions_under_way_finish(api, api_settings, engine):
+    ids = [_pending(api, [f"Page {n}"]) for n in range(3)]
+    settings = api_settings.model_copy(update={"ocr_concurrency": 2})
+    stopping = StopAfterFirstImageWorker(settings, engine, s3_client(settings),
+                                         stop=threading.Event())
+    with pytest.raises(BatchInterrupted):
+        stopping.apply([latest_event(engine, i) for i in ids])
+    states = [api.get(f"/v1/images/{i}", headers=AUTH_A).json()["state"] for i in ids]
+    # The first two ran side by side and were finished; the third was handed back.
+    assert states == ["embedding_pending", "embedding_pending", "ocr_pending"]

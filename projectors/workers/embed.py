@@ -54,8 +54,10 @@ class EmbeddingWorker:
             return
         texts = {e.id: embedding_text(e.payload) for e in pending}
         vectors, errors = self._vectors(list(set(texts.values())))
-        for event in pending:
-            with self._engine.begin() as conn:
+        # One transaction for the batch: a commit per image cost more than the model. If it
+        # fails, the runtime retries the whole batch; the claims make that harmless.
+        with self._engine.begin() as conn:
+            for event in pending:
                 if not claim_event(conn, self.name, event.id):
                     continue
                 row = lock_at_version(conn, event.aggregate_id, S.EMBEDDING_PENDING,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -45,6 +46,13 @@ def guess_language(text: str) -> str:
     if not letters:
         return "und"
     return "zh" if len(_CJK_CHAR.findall(text)) / len(letters) > 0.3 else "en"
+
+
+def pin_engine_threads() -> None:
+    """One thread per tesseract run (unless OMP_THREAD_LIMIT says otherwise): its OpenMP
+    threads are slower than one thread for a receipt (0.55 s against 0.33 s on two cores
+    here), and recognitions side by side would fight over the cores."""
+    os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 
 
 @cache
