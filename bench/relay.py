@@ -7,7 +7,6 @@ it, and commit-to-ack latency under a steady load. Writes bench/results/<name>.{
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ import requests
 from confluent_kafka import Producer
 from psycopg.rows import dict_row
 
+from bench.cli import bench_main
 from outbox.db import libpq_dsn
 from outbox.kafka import TopicManager, producer_config
 from outbox.migrate import migrate
@@ -345,14 +345,11 @@ def render_markdown(r: dict) -> str:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
-    args = parser.parse_args()
-    if args.quick:
-        run(events=5000, rate=500, seconds=5, name="quick", big_tx_rows=20_000)
-    else:
-        run(events=200_000, rate=2000, seconds=30, name="latest", big_tx_rows=1_000_000)
+    bench_main(__doc__,
+               full=lambda: run(events=200_000, rate=2000, seconds=30, name="latest",
+                                big_tx_rows=1_000_000),
+               quick=lambda: run(events=5000, rate=500, seconds=5, name="quick",
+                                 big_tx_rows=20_000))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ What is measured (the Markdown report repeats it):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -54,6 +53,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from app.audit import Auditor
 from app.settings import AppSettings
+from bench.cli import bench_main
 from images.storage import object_key, s3_client
 from images.store import AGGREGATE, image_document
 from images.tables import image_table
@@ -701,14 +701,8 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
-    args = parser.parse_args()
-    if args.quick:
-        run(n=2000, objects=500, m=1000, name="quick.repair")
-    else:
-        run(n=100_000, objects=10_000, m=10_000, name="repair")
+    bench_main(__doc__, full=lambda: run(n=100_000, objects=10_000, m=10_000, name="repair"),
+               quick=lambda: run(n=2000, objects=500, m=1000, name="quick.repair"))
 
 
 if __name__ == "__main__":

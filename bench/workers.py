@@ -19,7 +19,6 @@ bench/results/workers.{json,md} (--quick: quick.workers.{json,md}, ignored by gi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ from sqlalchemy import text
 from app.api.app import create_app
 from app.sample_images import text_image
 from app.settings import AppSettings
+from bench.cli import bench_main
 from images.storage import s3_client
 from outbox.db import make_engine
 from projectors.workers.embed import EmbeddingWorker, embedding_text
@@ -184,14 +184,8 @@ def run(count: int, rounds: int, name: str) -> dict[str, Any]:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
-    args = parser.parse_args()
-    if args.quick:
-        run(count=4, rounds=1, name="quick.workers")
-    else:
-        run(count=24, rounds=3, name="workers")
+    bench_main(__doc__, full=lambda: run(count=24, rounds=3, name="workers"),
+               quick=lambda: run(count=4, rounds=1, name="quick.workers"))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class OcrWorker:
             by_image.setdefault(event.aggregate_id, []).append(event)
         futures = [self._pool.submit(self._apply_image, evs) for evs in by_image.values()]
         wait(futures)
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [e for f in futures if (e := f.exception()) is not None]
         if any(isinstance(e, BatchInterrupted) for e in errors):
             raise BatchInterrupted
         if errors:
