@@ -115,6 +115,14 @@ def isolated_settings(tag: str) -> Iterator[AppSettings]:
         r.close()
 
 
+def cache_at(settings: AppSettings, image_id: str, version: int) -> bool:
+    """Whether the task cache holds exactly `version` of the image."""
+    client = redis.Redis.from_url(settings.redis_url)
+    cached = client.hget(f"{settings.redis_prefix}:task:{image_id}", "version")
+    client.close()
+    return cached is not None and int(cached) == version
+
+
 def wait_for(predicate, timeout_s: float = 120, interval_s: float = 0.3, what: str = ""):
     """Poll until `predicate()` is truthy; return its value or fail with `what`."""
     deadline = time.monotonic() + timeout_s

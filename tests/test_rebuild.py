@@ -30,6 +30,7 @@ from projectors.views.search_index import aliased_indices
 from tests.auth import AUTH_A
 from tests.images import upload
 from tests.pipeline_harness import (
+    cache_at,
     isolated_settings,
     metric,
     wait_for,
@@ -161,6 +162,8 @@ def test_a_rebuild_killed_halfway_completes_when_run_again(cfg, pipeline, api):
 def test_the_task_cache_is_rebuilt_as_a_new_generation(cfg, pipeline, api):
     image = _submit(api, "Cache rebuild")
     wait_for(lambda: _searchable(api, image), what="searchable")
+    version = api.get(f"/v1/images/{image}", headers=AUTH_A).json()["version"]
+    wait_for(lambda: cache_at(cfg, image, version), what="cached")  # its own projector
     before = api.get(f"/v1/images/{image}", headers=AUTH_A).json()["tasks"]
     r = redis.Redis.from_url(cfg.redis_url)
     proc = _rebuild(cfg, "cache")
