@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_STAMP := .outbox/.apt-installed
-APT_PACKAGES := postgresql redis-server tesseract-ocr tesseract-ocr-eng tesseract-ocr-chi-sim fonts-wqy-microhei curl
+APT_PACKAGES := postgresql redis-server tesseract-ocr tesseract-ocr-eng tesseract-ocr-chi-sim fonts-wqy-microhei curl chromium
 
 .PHONY: bootstrap up down status test lint demo bench bench-quick bench-embeddings faults clean
 
@@ -19,6 +19,7 @@ $(APT_STAMP):
 	command -v redis-server >/dev/null || missing=1; \
 	command -v tesseract >/dev/null || missing=1; \
 	command -v curl >/dev/null || missing=1; \
+	command -v chromium >/dev/null || missing=1; \
 	[ -f /usr/share/tesseract-ocr/5/tessdata/chi_sim.traineddata ] || missing=1; \
 	fc-list 2>/dev/null | grep -qi wqy || missing=1; \
 	if [ $$missing = 1 ]; then \
@@ -27,6 +28,17 @@ $(APT_STAMP):
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
 	@touch $@
+
+# promtool checks the alert rules in `make test`. It is not on PyPI: taken from Debian's
+# `prometheus` package, unpacked under .outbox/tools (the package itself is not installed,
+# so no server is started).
+PROMTOOL := .outbox/tools/usr/bin/promtool
+$(PROMTOOL):
+	@mkdir -p .outbox/tools
+	@cd .outbox/tools && { apt-get download prometheus >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+		dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb
+	@test -x $@
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -46,8 +58,8 @@ status:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: up lint
-	set -a; . .outbox/env; set +a; $(BIN)/pytest -q
+test: up lint $(PROMTOOL)
+	set -a; . .outbox/env; set +a; PATH="$(CURDIR)/.outbox/tools/usr/bin:$$PATH" $(BIN)/pytest -q
 
 demo: up
 	@set -a; . .outbox/env; set +a; $(BIN)/outbox demo
@@ -60,11 +72,13 @@ faults: up
 
 bench: up
 	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay && $(BIN)/python -m bench.repair \
-		&& $(BIN)/python -m bench.workers
+		&& $(BIN)/python -m bench.workers && $(BIN)/python -m bench.pipeline \
+		&& $(BIN)/python -m bench.summary
 
 bench-quick: up
 	@set -a; . .outbox/env; set +a; $(BIN)/python -m bench.relay --quick && \
-		$(BIN)/python -m bench.repair --quick && $(BIN)/python -m bench.workers --quick
+		$(BIN)/python -m bench.repair --quick && $(BIN)/python -m bench.workers --quick && \
+		$(BIN)/python -m bench.pipeline --quick && $(BIN)/python -m bench.summary --quick
 
 # Installs torch (CPU build, about 1.6 GB) and all-MiniLM-L6-v2 to compare with the default.
 bench-embeddings: $(STAMP)

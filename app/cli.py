@@ -14,11 +14,17 @@ def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api.app import create_app
+    from app.settings import get_app_settings
     from outbox.observability import configure_logging
+    from outbox.tracing import configure_tracing, shutdown_tracing
 
     configure_logging("api", args.log_level)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None,
-                timeout_graceful_shutdown=10)
+    configure_tracing("outbox-api", get_app_settings())
+    try:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None,
+                    timeout_graceful_shutdown=10)
+    finally:
+        shutdown_tracing()  # the spans still buffered
     return 0
 
 
@@ -29,6 +35,8 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     from images.storage import s3_client
     from outbox.db import make_engine
     from outbox.observability import configure_logging, serve_until_stopped
+    from outbox.readiness import CachedProbes, readiness_report
+    from projectors.sink_probes import store_probes
 
     configure_logging("reconciler", args.log_level)
     settings = get_app_settings()
@@ -36,8 +44,10 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     if args.once:
         print(json.dumps(rec.run_once()))
         return 0
+    probes = CachedProbes(store_probes(settings, ("database", "s3")))
     return serve_until_stopped(rec.stop, rec.health, args.metrics_host, args.metrics_port,
-                               lambda: rec.run(args.interval))
+                               lambda: rec.run(args.interval),
+                               ready=lambda: readiness_report(probes.results()))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -252,6 +262,39 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 1 if ids and done["skipped"] else 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Print the pipeline's status; exit 0 healthy, 1 when something needs attention, 2 when
+    it could not be told."""
+    import sys
+    import time
+
+    from app.settings import get_app_settings
+    from app.status import StatusCollector, StatusIncomplete
+    from app.status_table import print_status
+    from outbox.db import make_engine
+
+    if args.limit < 1 or args.window < 0 or args.max_lag_s < 0:
+        print("outbox status: --limit must be at least 1, --window and --max-lag-s not "
+              "negative", file=sys.stderr)
+        return 2
+    settings = get_app_settings()
+    collector = StatusCollector(settings, make_engine(settings))
+    try:
+        if args.window > 0:  # throughput: the committed offsets now and after the window
+            started = time.monotonic()
+            collector.sample_throughput()
+            time.sleep(max(0.0, args.window - (time.monotonic() - started)))
+        report = collector.snapshot(args.org, max_lag_s=args.max_lag_s, limit=args.limit)
+    except StatusIncomplete as exc:
+        print(f"outbox status: could not complete: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_status(report)
+    return 0 if report["healthy"] else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the application's commands to the `outbox` command line."""
     p = sub.add_parser("api", help="serve the example application's HTTP API")
@@ -301,6 +344,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="every image in this state instead")
     p.add_argument("--org", default=None, help="only images of this org")
     p.set_defaults(func=_cmd_retry)
+
+    p = sub.add_parser("status", help="services, relay, projector lags, images per state, "
+                                      "overdue and failed images, dead letters (exit 0 "
+                                      "healthy, 1 attention, 2 incomplete)",
+                       description="The pipeline at a glance, as one table. Exit 0 when nothing "
+                                   "needs attention, 1 when something does (each reason is "
+                                   "printed), 2 when the status could not be told.")
+    p.add_argument("--org", default=None, help="only this org's images and dead letters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--max-lag-s", type=float, default=60.0,
+                   help="a relay or projector whose oldest waiting event is older needs "
+                        "attention (default 60)")
+    p.add_argument("--limit", type=int, default=20,
+                   help="overdue and failed images listed (all are counted)")
+    p.add_argument("--window", type=float, default=1.0,
+                   help="seconds over which projector throughput is measured (0: not measured)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("demo", help="the main job end to end: upload, OCR, embed, search")
     p.add_argument("--state-dir", default=".outbox", help="where PID files and logs go")

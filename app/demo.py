@@ -84,7 +84,7 @@ class Processes:
             (self.run_dir / f"demo-{name}.pid").unlink(missing_ok=True)
 
 
-def _wait_http(url: str, timeout_s: float = 60) -> None:
+def wait_http(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -96,7 +96,7 @@ def _wait_http(url: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-def _wait_assigned(port: int, timeout_s: float = 60) -> None:
+def wait_assigned(port: int, timeout_s: float = 60) -> None:
     """Until the projector on `port` holds partitions: its group has formed."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -110,9 +110,12 @@ def _wait_assigned(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError(f"the projector on port {port} got no partitions")
 
 
-def _submit(api: str, title: str, lines: list[str], metadata_first: bool) -> Upload:
-    auth = {"Authorization": f"Bearer {DEMO_KEY}"}
-    body = text_image(lines)
+def submit(api: str, title: str, lines: list[str], metadata_first: bool,
+           auth: dict[str, str] | None = None, body: bytes | None = None) -> Upload:
+    """One image through the HTTP API as a client does it: create, presigned upload,
+    confirm, and its metadata before or after the upload."""
+    auth = auth or {"Authorization": f"Bearer {DEMO_KEY}"}
+    body = body if body is not None else text_image(lines)
     start = time.time()
     created = requests.post(f"{api}/v1/images", headers=auth, timeout=30, json={
         "filename": "scan.png", "content_type": "image/png", "size": len(body)}).json()
@@ -130,7 +133,7 @@ def _submit(api: str, title: str, lines: list[str], metadata_first: bool) -> Upl
     return Upload(created["id"], title, start)
 
 
-def _stage_times(settings: AppSettings, uploads: list[Upload]) -> None:
+def stage_times(settings: AppSettings, uploads: list[Upload]) -> None:
     """Per image: when each stage's event was written."""
     engine = make_engine(settings)
     ids = [u.id for u in uploads]
@@ -162,19 +165,19 @@ def run_demo(settings: AppSettings, state_dir: Path) -> int:
             procs.start(name, ["project", name, "--metrics-port", str(METRICS_PORTS[name])])
         procs.start("reconcile", ["reconcile", "--metrics-port",
                                   str(METRICS_PORTS["reconcile"])])
-        _wait_http(f"{api}/healthz")
+        wait_http(f"{api}/readyz")
         for port in METRICS_PORTS.values():
-            _wait_http(f"http://127.0.0.1:{port}/healthz")
+            wait_http(f"http://127.0.0.1:{port}/readyz")
         # The burst below then measures the pipeline, not the consumer groups forming.
         for name in ("ocr", "embed", "search", "cache"):
-            _wait_assigned(METRICS_PORTS[name])
+            wait_assigned(METRICS_PORTS[name])
         console.print(f"API {api}, relay and projectors running (logs: {procs.log_dir})")
         samples = SAMPLES["english"] + SAMPLES["chinese"]
-        uploads = [_submit(api, doc["title"], doc["lines"], metadata_first=i % 2 == 0)
+        uploads = [submit(api, doc["title"], doc["lines"], metadata_first=i % 2 == 0)
                    for i, doc in enumerate(samples)]
         console.print(f"uploaded {len(uploads)} images; waiting until all are searchable")
         _wait_searchable(api, uploads, timeout_s=600)
-        _stage_times(settings, uploads)
+        stage_times(settings, uploads)
         _print_stages(console, uploads)
         _print_queries(console, api, {u.id: u.title for u in uploads})
     finally:

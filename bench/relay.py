@@ -346,9 +346,9 @@ def render_markdown(r: dict) -> str:
 def main() -> None:
     """Command-line entry point."""
     bench_main(__doc__,
-               full=lambda: run(events=200_000, rate=2000, seconds=30, name="latest",
+               full=lambda: run(events=200_000, rate=2000, seconds=30, name="relay",
                                 big_tx_rows=1_000_000),
-               quick=lambda: run(events=5000, rate=500, seconds=5, name="quick",
+               quick=lambda: run(events=5000, rate=500, seconds=5, name="quick.relay",
                                  big_tx_rows=20_000))
 
 

@@ -26,6 +26,7 @@ from images.policy import (
 from images.settings import ImageSettings
 from images.tables import image_event_table, image_table, result_cache_table
 from outbox.emit import emit
+from outbox.tracing import child_traceparent
 
 AGGREGATE = "image"
 
@@ -112,7 +113,9 @@ def trace_id_of(traceparent: str | None) -> str:
 
 def _emit_for(conn: Connection, row: RowMapping, event_type: str) -> None:
     """The event of a change, continuing the image's trace, and its line in the history."""
-    traceparent = f"00-{row['trace_id'] or trace_id_of(None)}-{os.urandom(8).hex()}-01"
+    # The parent is the span being served (a request, a worker's event) when it belongs to
+    # the image's trace.
+    traceparent = child_traceparent(row["trace_id"] or trace_id_of(None))
     event_id = emit(
         conn,
         aggregate_type=AGGREGATE,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -49,13 +50,45 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aggregate_type(value: str) -> str:
+    """An aggregate type that makes a legal Kafka topic name (checked here: some brokers
+    accept any name)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an aggregate type (1 to 200 of A-Z a-z 0-9 . _ -)")
+    return value
+
+
+def _create_topics(aggregate_types: list[str]) -> str | None:
+    """Create `<prefix>.<type>` for each aggregate type unless it exists, as the relay would
+    (configured partitions, replication and retention); the error text when that failed."""
+    from confluent_kafka import KafkaException
+
+    from outbox.kafka import TopicManager, topic_name
+    from outbox.observability import configure_logging
+
+    configure_logging("topics")  # JSON lines on stderr; the report goes to stdout
+    s = get_settings()
+    manager = TopicManager(s)
+    try:
+        for aggregate_type in aggregate_types:
+            manager.ensure(topic_name(s.topic_prefix, aggregate_type))
+    except KafkaException as exc:
+        return f"cannot create topics on {s.kafka_bootstrap}: {exc.args[0].str()}"
+    return None
+
+
 def _cmd_topics(args: argparse.Namespace) -> int:
-    """Show what Kafka keeps of the `<prefix>.*` topics. Exit 0 when a replay from offset 0
-    gets every event of every topic (nothing deleted, infinite retention), 1 otherwise, 2 when
-    Kafka cannot be reached."""
+    """Show what Kafka keeps of the `<prefix>.*` topics, after creating those of --create.
+    Exit 0 when a replay from offset 0 gets every event of every topic (nothing deleted,
+    infinite retention), 1 otherwise, 2 when Kafka cannot be reached or a topic not created."""
     from outbox.topics import INFINITE_RETENTION, KafkaUnreachable, describe_topics, replay_safe
 
     s = get_settings()
+    error = _create_topics(args.create) if args.create else None
+    if error:
+        print(f"outbox topics: {error}", file=sys.stderr)
+        return 2
     try:
         topics = describe_topics(s)
     except KafkaUnreachable as exc:
@@ -90,11 +123,11 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 def service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
                       default_help: str = "") -> None:
-    """The options every long-running process takes: where to serve /metrics and /healthz,
-    and the log level."""
+    """The options every long-running process takes: where to serve /metrics, /healthz and
+    /readyz, and the log level."""
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--metrics-port", type=int, default=metrics_port,
-                   help=f"/metrics and /healthz (0: any free port; default: "
+                   help=f"/metrics, /healthz and /readyz (0: any free port; default: "
                         f"{default_help or metrics_port})")
     p.add_argument("--log-level", default="INFO")
 
@@ -120,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topics", help="what Kafka keeps of the topics: partitions, "
                        "replication, retention, whether a replay from offset 0 is complete")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument("--create", action="append", default=[], metavar="AGGREGATE_TYPE",
+                   type=_aggregate_type,
+                   help="first create <prefix>.<AGGREGATE_TYPE> unless it exists, as the "
+                        "relay would (repeatable; e.g. before processes that may not create "
+                        "topics start)")
     p.set_defaults(func=_cmd_topics)
 
     for ep in sorted(entry_points(group="outbox.commands"), key=lambda e: e.name):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from outbox.kafka import topic_name
 
@@ -117,6 +117,18 @@ class EventEnvelope(BaseModel):
     schema_version: int = Field(default=SCHEMA_VERSION, alias="schema",
                                 description="incremented only for incompatible changes")
     payload: dict[str, Any]
+    # Set by the consumer that read it: its trace context (from the Kafka headers, so not
+    # part of the value or the schema).
+    _trace: Any = PrivateAttr(default=None)
+
+    @property
+    def trace(self) -> Any:
+        """What the consumer attached for tracing (`projectors/apply_spans.py`), or None."""
+        return self._trace
+
+    def attach_trace(self, trace: Any) -> None:
+        """Attach the consumer's trace context of this event."""
+        self._trace = trace
 
     @field_validator("schema_version")
     @classmethod

@@ -1,7 +1,15 @@
-"""Structured logs (JSON lines via structlog), Prometheus metrics and a health endpoint.
+"""Structured logs (JSON lines via structlog), Prometheus metrics, liveness and readiness.
 
-Every long-running process calls `configure_logging` once; the relay and projector processes
-serve `/metrics` and `/healthz` with `ObservabilityServer` (the HTTP API serves its own).
+Every long-running process calls `configure_logging` once; the relay, projector and
+reconciler processes serve `/metrics`, `/healthz` and `/readyz` with `ObservabilityServer`
+(the HTTP API serves its own).
+
+- `/healthz` is liveness: 200 while the process runs its main loop, whatever its
+  dependencies do (an orchestrator restarting every process during a broker outage would
+  only add to it); 503 once it is stopping or its main loop is stalled. The body is the
+  process's health report (its `status` says `failing`, `sink_unavailable`... as before).
+- `/readyz` is readiness: 200 only while the process is connected to what it needs, else 503
+  with the report naming what is missing (`missing`, and a check per dependency).
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from outbox.tracing import shutdown_tracing
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
@@ -52,11 +63,22 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     structlog.contextvars.bind_contextvars(service=service)
 
 
-class ObservabilityServer:
-    """`/metrics` (Prometheus text format) and `/healthz` on a background thread."""
+Report = dict[str, Any]
 
-    def __init__(self, host: str, port: int, health: Callable[[], dict[str, object]]) -> None:
+
+class ObservabilityServer:
+    """`/metrics` (Prometheus text format), `/healthz` and `/readyz` on a background thread.
+
+    `health`: the process's report; `unlive`: why the process is not alive (None while it
+    is); `ready`: the readiness report, whose `ready` decides 200 or 503 (no `/readyz`
+    without it)."""
+
+    def __init__(self, host: str, port: int, health: Callable[[], Report],
+                 ready: Callable[[], Report] | None = None,
+                 unlive: Callable[[], str | None] = lambda: None) -> None:
         self._health = health
+        self._ready = ready
+        self._unlive = unlive
         handler = self._handler()
         self._server = ThreadingHTTPServer((host, port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -67,18 +89,26 @@ class ObservabilityServer:
         return self._server.server_address[1]
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        health = self._health
+        health, ready, unlive = self._health, self._ready, self._unlive
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/metrics":
                     self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
-                    report = health()
-                    status = 200 if report.get("status") == "ok" else 503
-                    self._send(status, json.dumps(report).encode(), "application/json")
+                    report, reason = health(), unlive()
+                    if reason is not None:
+                        report = {**report, "live": False, "reason": reason}
+                    self._json(200 if reason is None else 503, report)
+                elif self.path == "/readyz" and ready is not None:
+                    report = ready()
+                    self._json(200 if report["ready"] else 503, report)
                 else:
                     self._send(404, b'{"error": {"code": "not_found"}}', "application/json")
+
+            def _json(self, status: int, report: Report) -> None:
+                self._send(status, json.dumps(report, default=str).encode(),
+                           "application/json")
 
             def _send(self, status: int, body: bytes, ctype: str) -> None:
                 self.send_response(status)
@@ -104,14 +134,30 @@ class ObservabilityServer:
 
 def serve_until_stopped(
     stop: threading.Event,
-    health: Callable[[], dict[str, object]],
+    health: Callable[[], Report],
     host: str,
     port: int,
     run: Callable[[], int | None],
+    *,
+    ready: Callable[[], Report] | None = None,
+    stalled: Callable[[], str | None] = lambda: None,
 ) -> int:
     """Run a long-lived process: SIGTERM/SIGINT set `stop` (the process then finishes its
-    batch and returns), `/metrics` and `/healthz` are served on host:port meanwhile."""
+    batch and returns), `/metrics`, `/healthz` and `/readyz` are served on host:port
+    meanwhile. Liveness fails once `stop` is set or `stalled()` names a reason; a stopping
+    process is not ready either. Buffered spans are exported before it returns."""
     log = structlog.get_logger(__name__)
+
+    def unlive() -> str | None:
+        return "stopping" if stop.is_set() else stalled()
+
+    def readiness() -> Report:
+        assert ready is not None
+        report = ready()
+        if not stop.is_set():
+            return report
+        return {**report, "ready": False, "missing": [*report["missing"], "running"],
+                "checks": {**report["checks"], "running": {"ok": False, "error": "stopping"}}}
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)
@@ -119,9 +165,10 @@ def serve_until_stopped(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    server = ObservabilityServer(host, port, health)
+    server = ObservabilityServer(host, port, health, readiness if ready else None, unlive)
     server.start()
     try:
         return run() or 0
     finally:
         server.stop()
+        shutdown_tracing()

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     )
     janitor_interval_s: float = 60.0
 
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go to "
+        "<url>/v1/traces). Unset, and without OTEL_EXPORTER_OTLP_ENDPOINT: no spans are "
+        "recorded, at no cost")
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -12,12 +12,15 @@ NAMES = ("ocr", "embed", "search", "cache")
 def _cmd_project(args: argparse.Namespace) -> int:
     """Run one projector until SIGTERM."""
     from outbox.observability import configure_logging
+    from outbox.tracing import configure_tracing
     from projectors.registry import METRICS_PORTS, serve_projector
     from projectors.settings import ProjectorSettings
 
     configure_logging(f"projector-{args.name}", args.log_level)
+    settings = ProjectorSettings()
+    configure_tracing(f"outbox-projector-{args.name}", settings)
     port = METRICS_PORTS[args.name] if args.metrics_port is None else args.metrics_port
-    return serve_projector(ProjectorSettings(), args.name, args.metrics_host, port)
+    return serve_projector(settings, args.name, args.metrics_host, port)
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:

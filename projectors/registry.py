@@ -13,6 +13,7 @@ from outbox.db import make_engine
 from outbox.observability import serve_until_stopped
 from projectors.runtime import ConsumerRuntime, Projector
 from projectors.settings import ProjectorSettings
+from projectors.sink_probes import SINKS, store_probes
 from projectors.views.search import SearchProjector
 from projectors.views.task_cache import TaskCache, TaskCacheProjector
 from projectors.workers.embed import EmbeddingWorker
@@ -57,10 +58,11 @@ def build_runtime(settings: ProjectorSettings, name: str, *, group_id: str | Non
     abandon = threading.Event()
     projector = PROJECTORS[name](settings, lambda: stop.is_set() or abandon.is_set())
     return ConsumerRuntime(settings, projector, group_id=group_id, stop=stop,
-                           abandon=abandon)
+                           abandon=abandon, sink_probes=store_probes(settings, SINKS[name]))
 
 
 def serve_projector(settings: ProjectorSettings, name: str, host: str, port: int) -> int:
     """Run one projector until SIGTERM (the batch in hand is finished and committed)."""
     runtime = build_runtime(settings, name)
-    return serve_until_stopped(runtime.stop, runtime.health, host, port, runtime.run)
+    return serve_until_stopped(runtime.stop, runtime.health, host, port, runtime.run,
+                               ready=runtime.readiness, stalled=runtime.stalled)

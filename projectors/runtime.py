@@ -11,13 +11,15 @@ unreachable sink (see `transient_errors`) is retried until it is back or the pro
 stops; any other error gets bounded retries, then each message is applied alone and the
 ones that still fail go to the DLQ. A batch that is neither applied nor dead-lettered is
 handed back: the consumer seeks to its first offsets, nothing after it is committed.
+Each event carries its trace id (and, while tracing is on, an apply span) from its Kafka
+headers: see `projectors/apply_spans.py`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Protocol
@@ -33,9 +35,19 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
+from outbox import tracing
 from outbox.envelope import EventEnvelope
 from outbox.kafka import TopicManager, consumer_config, dlq_topic, producer_config, topic_name
-from projectors.metrics import APPLIED, BATCH_SECONDS, DEAD_LETTERS, LAG_SECONDS, RETRIES
+from outbox.readiness import CachedProbes, Probe, kafka_probe, missing, ok, readiness_report
+from projectors.apply_spans import end_apply_spans, header, note_retry, start_apply_spans
+from projectors.metrics import (
+    APPLIED,
+    BATCH_SECONDS,
+    DEAD_LETTERS,
+    LAG_SECONDS,
+    PICKUP_SECONDS,
+    RETRIES,
+)
 from projectors.settings import ProjectorSettings
 from projectors.transient_errors import is_transient
 
@@ -55,8 +67,6 @@ class Projector(Protocol):
 
     name: str
     aggregate_types: Sequence[str]
-    # Optional `batch_window_s`: how long to gather a batch after its first message (a
-    # projector that works on a batch's items side by side wants a burst in one batch).
 
     def apply(self, events: list[EventEnvelope]) -> None:
         """Apply a batch (idempotently: events may be redelivered). Raise to retry."""
@@ -72,15 +82,17 @@ class ConsumerRuntime:
 
     def __init__(self, settings: ProjectorSettings, projector: Projector, *,
                  group_id: str | None = None, stop: threading.Event | None = None,
-                 abandon: threading.Event | None = None, track_end: bool = False) -> None:
+                 abandon: threading.Event | None = None, track_end: bool = False,
+                 sink_probes: Mapping[str, Probe] | None = None) -> None:
         """`abandon`: set while the batch in hand was revoked (a projector that can stop
         between items checks it, as it checks `stop`). `track_end`: note in `at_end` the
-        partitions read to their end (a replay uses it to know it has read the whole log)."""
+        partitions read to their end (a replay uses it to know it has read the whole log).
+        `sink_probes`: by name, a cheap call to each store the projector writes, for
+        `/readyz`."""
         self.settings = settings
         self.projector = projector
         self.stop = stop or threading.Event()
         self.abandon = abandon or threading.Event()
-        self._window = getattr(projector, "batch_window_s", 0.0)
         self._applier = ThreadPoolExecutor(1, thread_name_prefix=f"apply-{projector.name}")
         self.group_id = group_id or f"{settings.topic_prefix}.{projector.name}"
         self.topics = [topic_name(settings.topic_prefix, t) for t in projector.aggregate_types]
@@ -89,6 +101,9 @@ class ConsumerRuntime:
         self.sink_unavailable_since: float | None = None
         self._revoked = False
         self._assigned = 0
+        self._joined = False  # a member of its group (possibly with no partition)
+        self._loop_at = time.monotonic()
+        self._probes = CachedProbes({"broker": kafka_probe(settings), **(sink_probes or {})})
         self._dlq_errors: list[str] = []
         self.at_end: set[tuple[str, int]] = set()
         self._consumer = Consumer(consumer_config(
@@ -99,12 +114,32 @@ class ConsumerRuntime:
         self._topic_admin = TopicManager(settings)
 
     def health(self) -> dict[str, object]:
-        """Report for `/healthz`: `sink_unavailable` (HTTP 503) while an outage is waited out."""
+        """Report for `/healthz`: `status` is `sink_unavailable` while an outage is waited
+        out (the process is alive all the same; `/readyz` says it is not ready)."""
         return {"status": "ok" if self.sink_unavailable_since is None else "sink_unavailable",
                 "projector": self.projector.name, "group": self.group_id,
                 "last_applied_at": self.last_applied_at,
                 "assigned_partitions": self._assigned,
                 "sink_unavailable_since": self.sink_unavailable_since}
+
+    def readiness(self) -> dict[str, object]:
+        """Report for `/readyz`: ready when the broker answers, the consumer is a member of
+        its group (with partitions, or none left for it), every store it writes answers, and
+        no outage of one is being waited out."""
+        checks = self._probes.results()
+        checks["group"] = ok(assigned_partitions=self._assigned) if self._joined else \
+            missing("not yet a member of its consumer group", assigned_partitions=0)
+        since = self.sink_unavailable_since
+        checks["sink_writes"] = ok() if since is None else \
+            missing(f"a batch waits for an unreachable store since {since:.0f}")
+        return readiness_report(checks, projector=self.projector.name, group=self.group_id)
+
+    def stalled(self) -> str | None:
+        """Why liveness fails: the consumer loop has not polled for the group's poll
+        interval, after which the broker has evicted it anyway. None while alive."""
+        idle = time.monotonic() - self._loop_at
+        limit = self.settings.projector_max_poll_interval_ms / 1000
+        return f"no poll for {idle:.0f}s" if idle > limit else None
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._revoked = True
@@ -114,24 +149,26 @@ class ConsumerRuntime:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned = len(partitions)  # eager assignment: the whole set each time
+        self._joined = True
         log.info("partitions_assigned", partitions=[(p.topic, p.partition) for p in partitions])
 
     def run(self) -> None:
         """Consume, apply, commit; on stop, finish the batch in hand, commit, leave the group."""
-        for topic in self.topics:
-            self._topic_admin.ensure(topic)
-        self._consumer.subscribe(self.topics, on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke)
-        log.info("projector_started", projector=self.projector.name, topics=self.topics)
         try:
+            if not self._wait_for_topics():
+                return
+            self._consumer.subscribe(self.topics, on_assign=self._on_assign,
+                                     on_revoke=self._on_revoke)
+            log.info("projector_started", projector=self.projector.name, topics=self.topics)
             while not self.stop.is_set():
-                # The first message as soon as it comes, then what arrives within the
-                # projector's batch window (none: what is already fetched). consume(n, t)
-                # alone waits out t for a short batch: up to half a second per hop.
+                self._loop_at = time.monotonic()
+                # The first message as soon as it comes, then what is already fetched:
+                # consume(n, t) alone waits out t for a short batch (a hop's latency), and
+                # during a burst the batch fills while the one before is applied.
                 first = self._consumer.poll(0.5)
                 if first is not None:
                     more = self.settings.projector_batch_size - 1
-                    self._handle([first, *(self._consumer.consume(more, self._window)
+                    self._handle([first, *(self._consumer.consume(more, 0)
                                            if more else [])])
         finally:
             self._consumer.close()  # leaves the group at once, so a rebalance is quick
@@ -139,6 +176,23 @@ class ConsumerRuntime:
             self._dlq.flush(10)
             self.projector.close()
             log.info("projector_stopped", projector=self.projector.name)
+
+    def _wait_for_topics(self) -> bool:
+        """Create the topics unless they exist, waiting for the broker for as long as it is
+        unreachable (the process stays up, not ready); False when stopped meanwhile."""
+        backoff = 0.5
+        while not self.stop.is_set():
+            self._loop_at = time.monotonic()
+            try:
+                for topic in self.topics:
+                    self._topic_admin.ensure(topic)
+                return True
+            except KafkaException as exc:
+                log.warning("broker_unavailable", projector=self.projector.name,
+                            error=str(exc)[:300], backoff_s=backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        return False
 
     def _handle(self, msgs: list[Message]) -> None:
         self._revoked = False
@@ -159,10 +213,24 @@ class ConsumerRuntime:
                 items.append((msg, EventEnvelope.from_json(msg.value() or b"")))
             except (ValidationError, ValueError) as exc:
                 self._dead_letter(msg, f"undecodable: {exc}".replace("\n", " ")[:500])
-        start = time.perf_counter()
+        start_apply_spans(self.projector.name, self.group_id, items)
+        applied = False
+        try:
+            applied = self._apply_batch(msgs, items, ends)
+        finally:
+            end_apply_spans(self.projector.name, [env for _, env in items],
+                            "applied" if applied else "handed_back")
+
+    def _apply_batch(self, msgs: list[Message], items: list[tuple[Message, EventEnvelope]],
+                     ends: set[tuple[str, int]]) -> bool:
+        """Apply the decoded events and commit the batch; False when it was handed back."""
+        start, now = time.perf_counter(), datetime.now(UTC)
+        pickup = PICKUP_SECONDS.labels(self.projector.name)
+        for _, env in items:
+            pickup.observe(max(0.0, (now - env.occurred_at).total_seconds()))
         if not self._apply_with_retries(items):
             self._hand_back(msgs)
-            return
+            return False
         BATCH_SECONDS.labels(self.projector.name).observe(time.perf_counter() - start)
         # Dead letters are durable before their offsets are committed.
         if self._dlq.flush(30) or self._dlq_errors:
@@ -170,7 +238,7 @@ class ConsumerRuntime:
                       errors=self._dlq_errors[:3])
             self._hand_back(msgs)
             self._paused_wait(1.0)
-            return
+            return False
         self._commit(msgs)
         self.at_end |= ends
         if items:
@@ -180,6 +248,7 @@ class ConsumerRuntime:
             LAG_SECONDS.labels(self.projector.name).set(
                 max(0.0, (datetime.now(UTC) - last).total_seconds()))
             self.last_applied_at = time.time()
+        return True
 
     def _hand_back(self, msgs: list[Message]) -> None:
         """Seek back to the first offset of each partition of an unfinished batch, so it
@@ -218,6 +287,7 @@ class ConsumerRuntime:
                                   error=str(exc))
                         break
                 RETRIES.labels(self.projector.name).inc()
+                note_retry(events, str(exc))
                 backoff = min(0.2 * 2 ** min(attempt, 5), 5.0)
                 attempt += 1
                 log.warning("sink_unavailable" if transient else "batch_retry",
@@ -233,7 +303,9 @@ class ConsumerRuntime:
             except Exception as exc:
                 if is_transient(exc):  # the sink went away: not this message's fault
                     return False
-                self._dead_letter(msg, f"apply failed: {exc}".replace("\n", " ")[:500])
+                reason = f"apply failed: {exc}".replace("\n", " ")[:500]
+                env.trace.failed(reason)
+                self._dead_letter(msg, reason)
         return True
 
     def _apply(self, events: list[EventEnvelope]) -> None:
@@ -270,6 +342,7 @@ class ConsumerRuntime:
         """One poll that serves group callbacks and the poll-interval timer. A message can
         only come from a partition assigned meanwhile (not paused): it is read again later
         rather than skipped."""
+        self._loop_at = time.monotonic()
         msg = self._consumer.poll(timeout_s)
         if msg is not None and msg.error() is None:
             self._consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
@@ -294,7 +367,8 @@ class ConsumerRuntime:
                               headers=[*headers, ("payload_omitted", b"true")],
                               on_delivery=self._on_dead_letter_delivery)
         DEAD_LETTERS.labels(self.projector.name).inc()
-        log.warning("dead_lettered", topic=topic, offset=msg.offset(), reason=reason[:200])
+        log.warning("dead_lettered", topic=topic, offset=msg.offset(), reason=reason[:200],
+                    trace_id=tracing.trace_id_of(header(msg, "traceparent")))
 
     def _on_dead_letter_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:

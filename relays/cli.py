@@ -15,9 +15,11 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     """Publish the outbox to Kafka until SIGTERM."""
     from outbox.observability import configure_logging
     from outbox.settings import get_settings
+    from outbox.tracing import configure_tracing
     from relays.runner import serve_relay
 
     configure_logging(f"relay-{args.mode}", args.log_level)
+    configure_tracing("outbox-relay", get_settings())
     return serve_relay(get_settings(), args.mode, args.metrics_host, args.metrics_port)
 
 

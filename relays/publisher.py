@@ -24,6 +24,7 @@ from outbox.envelope import OutboxRecord
 from outbox.kafka import TopicManager, dlq_topic, producer_config
 from outbox.settings import Settings
 from relays.metrics import PUBLISH_LATENCY
+from relays.publish_spans import publish_trail
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +68,9 @@ class BatchPublisher:
         self._fatal: str | None = None
         self._sent = 0
         self._acks_awaited_since: float | None = None
+        self.progress_at = time.monotonic()  # the last thousand sent, or a wait for acks
+        # None (nothing kept per message) unless tracing or DEBUG logging is on.
+        self._trail = publish_trail()
 
     def _on_failed_delivery(self, err: KafkaError, msg: Any) -> None:
         if err.code() in _WITHDRAWN:
@@ -89,8 +93,11 @@ class BatchPublisher:
         """Produce one record (key = aggregate id) without waiting for it."""
         topic = rec.topic(self._prefix)
         self._topics.ensure(topic)
+        key, headers = rec.aggregate_id.encode(), rec.kafka_headers()
         try:
-            self._produce(topic, rec.aggregate_id.encode(), rec.value(), rec.kafka_headers())
+            self._produce(topic, key, rec.value(), headers)
+            if self._trail is not None:
+                self._trail.note(topic, key, headers)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
@@ -101,6 +108,7 @@ class BatchPublisher:
         self._sent += 1
         if self._sent % 1000 == 0:  # serve callbacks now and then, not per message
             self._producer.poll(0)
+            self.progress_at = time.monotonic()
 
     def ensure_topic(self, topic: str) -> None:
         """Create the topic unless it exists."""
@@ -116,9 +124,12 @@ class BatchPublisher:
             if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
             return False
+        if self._trail is not None:
+            self._trail.note(topic, key, headers)
         self._sent += 1
         if self._sent % 1000 == 0:
             self._producer.poll(0)
+            self.progress_at = time.monotonic()
         return True
 
     def publish(self, records: Iterable[OutboxRecord], grace_s: float = 10.0) -> int:
@@ -135,6 +146,17 @@ class BatchPublisher:
         broker refused for good. Raises ProducerFatal, or PublishError when a stop was
         requested and the acknowledgements did not come within `grace_s`: the caller must
         then not move its position."""
+        if self._trail is None:
+            self._settle(grace_s)
+            return
+        try:
+            self._settle(grace_s)
+        except Exception as exc:
+            self._trail.settled(error=f"{type(exc).__name__}: {exc}")
+            raise
+        self._trail.settled()
+
+    def _settle(self, grace_s: float) -> None:
         self._wait_for_acks(grace_s)
         while self._refused:
             refused, self._refused = self._refused, []
@@ -179,6 +201,7 @@ class BatchPublisher:
         self._acks_awaited_since = time.monotonic()
         try:
             while self._producer.flush(0.5) > 0:
+                self.progress_at = time.monotonic()
                 self._raise_if_fatal()
                 if self._stop_requested():
                     stop_deadline = stop_deadline or time.monotonic() + grace_s
@@ -198,6 +221,8 @@ class BatchPublisher:
     def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what is left within `timeout_s`, withdraw the rest, release the producer
         (the position was never moved past what is withdrawn)."""
+        if self._trail is not None:
+            self._trail.discard()
         if self._fatal is None:
             self._producer.flush(timeout_s)
         self._producer.purge()

@@ -7,8 +7,12 @@ Failures and what the relay does about them:
   acknowledged position.
 - The publication changed under the slot: the slot is recreated with a backfill.
 - A schema change the relay cannot decode: it stops publishing, reports `schema_mismatch`
-  on /healthz with the reason, logs it, and tries again every `SCHEMA_RETRY_S` (the process
-  stays up: no crash loop, the slot keeps its position).
+  on /healthz (and not ready on /readyz) with the reason, logs it, and tries again every
+  `SCHEMA_RETRY_S` (the process stays up: no crash loop, the slot keeps its position).
+
+Liveness (/healthz) fails only when neither the main loop nor the producer moved for
+`STALL_S` (a call that never returns); readiness (/readyz) says whether PostgreSQL and the
+broker answer and, for the leader, whether its slot (poll: the outbox) is being published.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from confluent_kafka import KafkaException
 from outbox.db import libpq_dsn
 from outbox.observability import serve_until_stopped
 from outbox.pg_names import relay_lock_name, slot_name
+from outbox.readiness import (
+    CachedProbes,
+    Check,
+    kafka_probe,
+    missing,
+    ok,
+    postgres_probe,
+    readiness_report,
+)
 from outbox.settings import Settings
 from relays.election import LeaderLock
 from relays.janitor import purge_outbox, purge_processed_events
@@ -49,6 +62,10 @@ MODES = ("logical", "poll")
 # writes (a healthy broker acknowledges a full batch within a few seconds).
 ACK_STALL_S = 15.0
 SCHEMA_RETRY_S = 30.0
+# The main loop turns at least every SCHEMA_RETRY_S, and a producer moves every thousand
+# messages or waits for acknowledgements (an outage, not a stall): ten minutes without
+# either is a call that will not return.
+STALL_S = 600.0
 RETRIABLE = (PublishError, KafkaException, psycopg.Error, ReplicationError, OSError)
 
 
@@ -86,14 +103,19 @@ class RelayProcess:
         self.last_error: str | None = None
         self.problem: str | None = None  # a condition that needs a person: schema_mismatch
         self.producers_replaced = 0
+        self.publishing = False  # the leader's slot (poll: outbox) is set up and read
+        self._loop_at = time.monotonic()
+        self._probes = CachedProbes({"database": postgres_probe(self.dsn),
+                                     "broker": kafka_probe(settings)})
         self._publisher: BatchPublisher | None = None
         self._observe_latency = observe_latency
         self._publisher_factory = publisher_factory
 
     def health(self) -> dict[str, object]:
-        """Healthy as leader or standby (the report says which); `failing` (HTTP 503) while
-        every attempt to publish fails or a batch waits for acknowledgements that do not
-        come (a broker outage); `schema_mismatch` while the outbox cannot be decoded."""
+        """Healthy as leader or standby (the report says which); `failing` while every
+        attempt to publish fails or a batch waits for acknowledgements that do not come (a
+        broker outage); `schema_mismatch` while the outbox cannot be decoded. Either way the
+        process is alive (`/healthz` 200); `/readyz` says it is not ready."""
         publisher = self._publisher
         stalled = publisher is not None and publisher.seconds_awaiting_acks() > ACK_STALL_S
         failing = self.failing_since is not None or stalled
@@ -102,6 +124,42 @@ class RelayProcess:
                 "role": "leader" if self.leader else "standby",
                 "last_batch_at": self.last_batch_at, "failing_since": self.failing_since,
                 "last_error": self.last_error}
+
+    def readiness(self) -> dict[str, object]:
+        """Report for `/readyz`: ready when PostgreSQL and the broker answer and, for the
+        leader, its slot (poll: the outbox) is being published without failing. A standby
+        is ready too (`role` says which): it takes over when the leader goes."""
+        checks = self._probes.results()
+        if self.leader:
+            checks["slot" if self.mode == "logical" else "outbox"] = self._publishing_check()
+        return readiness_report(checks, mode=self.mode,
+                                role="leader" if self.leader else "standby")
+
+    def _publishing_check(self) -> Check:
+        publisher = self._publisher
+        if self.problem is not None:
+            return missing(f"{self.problem}: {self.last_error}")
+        if publisher is not None and publisher.seconds_awaiting_acks() > ACK_STALL_S:
+            return missing(f"acknowledgements awaited for "
+                           f"{publisher.seconds_awaiting_acks():.0f}s")
+        if self.failing_since is not None:
+            return missing(f"failing since {self.failing_since:.0f}: {self.last_error}")
+        if not self.publishing:
+            return missing("being set up")
+        return ok()
+
+    def stalled(self) -> str | None:
+        """Why liveness fails: neither the main loop nor the producer moved for `STALL_S`
+        (a producer waiting for acknowledgements during an outage moves). None while alive."""
+        publisher = self._publisher
+        last = max(self._loop_at, publisher.progress_at if publisher is not None else 0.0)
+        idle = time.monotonic() - last
+        return f"no progress for {idle:.0f}s" if idle > STALL_S else None
+
+    def _turn(self) -> bool:
+        """One turn of the main loop (liveness); whether a stop was requested."""
+        self._loop_at = time.monotonic()
+        return self.stop.is_set()
 
     def _make_relay(self, publisher: BatchPublisher) -> Relay:
         cls = LogicalRelay if self.mode == "logical" else PollRelay
@@ -117,7 +175,7 @@ class RelayProcess:
         stats = StatsSampler(self.dsn, self.settings.db_schema, self.mode)
         stats.start()
         try:
-            while lock.acquire(self.stop.is_set, self.settings.relay_lock_poll_s):
+            while lock.acquire(self._turn, self.settings.relay_lock_poll_s):
                 self.leader = True
                 IS_LEADER.set(1)
                 try:
@@ -150,6 +208,7 @@ class RelayProcess:
             log.error("producer_replaced", error=str(exc)[:300])
             return not self.stop.is_set()
         finally:
+            self.publishing = False
             relay.close()
             publisher.close()
             self._publisher = None
@@ -159,7 +218,7 @@ class RelayProcess:
         backoff = 0.0
         ready = False
         next_janitor = time.monotonic() + self.settings.janitor_interval_s
-        while not self.stop.is_set():
+        while not self._turn():
             # Checked before every batch, so a relay that lost its lock publishes at most
             # the batch in hand next to the new leader.
             if not lock.still_held():
@@ -167,8 +226,9 @@ class RelayProcess:
                 return
             try:
                 if not ready:
+                    self.publishing = False
                     relay.setup()
-                    ready = True
+                    ready = self.publishing = True
                     self.problem = None
                     log.info("relay_started", mode=self.mode, schema=self.settings.db_schema)
                 count = relay.run_once()
@@ -219,4 +279,5 @@ class RelayProcess:
 def serve_relay(settings: Settings, mode: str, host: str, port: int) -> int:
     """The `outbox relay` process: metrics and health on host:port, SIGTERM stops it."""
     process = RelayProcess(settings, mode)
-    return serve_until_stopped(process.stop, process.health, host, port, process.run)
+    return serve_until_stopped(process.stop, process.health, host, port, process.run,
+                               ready=process.readiness, stalled=process.stalled)

@@ -59,10 +59,14 @@ SWEEP = {
     ("POST", "/v1/images"): ORG_SCOPED,
     ("GET", "/v1/images"): ORG_SCOPED,
     ("GET", "/v1/search"): ORG_SCOPED,
+    ("GET", "/v1/status"): ORG_SCOPED,
+    **{("GET", path): NO_IMAGE_DATA for path in
+       ("/status", "/status/status.js", "/status/status.css")},
     **{(method, path): NO_IMAGE_DATA for path in
        ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc") for method in ("GET", "HEAD")},
     ("GET", "/metrics"): NO_IMAGE_DATA,
     ("GET", "/healthz"): NO_IMAGE_DATA,
+    ("GET", "/readyz"): NO_IMAGE_DATA,
 }
 TITLE = "Quarterly ledger of the harbour office"
 
@@ -171,6 +175,12 @@ def test_no_route_shows_or_changes_another_orgs_image(api, api_settings, engine,
         assert theirs[1] in [hit["id"] for hit in mine["items"]], mode
         found = api.get("/v1/search", headers=AUTH_B, params=params).json()
         assert (found["total"], found["items"]) == (0, []), mode
+    # The status: org A's counts its two images; org B's shows none of them.
+    mine, found = (api.get("/v1/status", headers=auth) for auth in (AUTH_A, AUTH_B))
+    assert mine.status_code == found.status_code == 200, (mine.text, found.text)
+    assert sum(i["count"] for i in mine.json()["images"]) == 2
+    assert sum(i["count"] for i in found.json()["images"]) == 0
+    assert not any(i in found.text for i in theirs)
     assert _snapshot(engine) == before  # nothing written by any of the tries above
     assert [_etag(api_settings, k) for k in keys] == objects
 

@@ -15,7 +15,8 @@ ALLOWED = {
     "relays": {"outbox"},
     "images": {"outbox"},
     "projectors": {"outbox", "images"},
-    "app": {"outbox", "images", "projectors"},
+    # relays: the status reads the relay's position as `outbox relay status` does.
+    "app": {"outbox", "images", "projectors", "relays"},
 }
 
 

@@ -11,17 +11,20 @@ from elasticsearch import Elasticsearch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from sqlalchemy import text
 
 from app.api.auth import ApiKeys
 from app.api.body_limit import BodySizeLimit
 from app.api.errors import install_error_handlers
 from app.api.images import ApiContext, image_router
+from app.api.request_spans import RequestSpans
 from app.api.search import search_router
+from app.api.status_page import status_router
 from app.settings import AppSettings, get_app_settings
 from app.trace import ImageTrace
 from images.storage import s3_client
-from outbox.db import make_engine
+from outbox.db import libpq_dsn, make_engine
+from outbox.readiness import CachedProbes, postgres_probe, readiness_report
+from projectors.sink_probes import store_probes
 from projectors.views.search_reader import SearchReader
 from projectors.views.task_cache import TaskCache
 from projectors.workers.embedder import get_embedder
@@ -61,6 +64,7 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
     app.include_router(image_router(ctx))
     app.include_router(search_router(ctx))
+    app.include_router(status_router(ctx))
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -82,12 +86,21 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> JSONResponse:
-        """Ready when the database answers."""
-        try:
-            with ctx.engine.connect() as conn:
-                conn.execute(text("select 1"))
-        except Exception as exc:
-            return JSONResponse({"status": "down", "database": str(exc)[:200]}, status_code=503)
+        """Liveness: the process answers. It does not depend on the stores (an outage of one
+        must not restart every API process); `/readyz` does."""
         return JSONResponse({"status": "ok"})
+
+    probes = CachedProbes({"database": postgres_probe(libpq_dsn(settings)),
+                           **store_probes(settings, ("search", "redis"))})
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz() -> JSONResponse:
+        """Readiness: 200 while PostgreSQL, the search server and Redis answer, else 503 with
+        the report naming what is missing (each check cached for a moment)."""
+        report = readiness_report(probes.results())
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    # Outermost, so the span covers every other middleware too.
+    app.add_middleware(RequestSpans)
 
     return app

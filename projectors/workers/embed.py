@@ -12,16 +12,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from images.policy import ImageState
 from images.settings import ImageSettings
 from images.store import lock_at_version, transition
 from outbox.envelope import EventEnvelope
 from outbox.tracking import claim_event
+from projectors.apply_spans import applying
 from projectors.transient_errors import is_transient
 from projectors.workers.embedder import Embedder
-from projectors.workers.result_cache import cached_result, store_result
+from projectors.workers.result_cache import cached_results, store_results
 
 log = structlog.get_logger(__name__)
 S = ImageState
@@ -53,27 +54,33 @@ class EmbeddingWorker:
         if not pending:
             return
         texts = {e.id: embedding_text(e.payload) for e in pending}
-        vectors, errors = self._vectors(list(set(texts.values())))
-        # One transaction for the batch: a commit per image cost more than the model. If it
-        # fails, the runtime retries the whole batch; the claims make that harmless.
+        vectors, errors, fresh = self._vectors(list(set(texts.values())))
+        # One transaction for the batch, its new cache entries included: a commit per image
+        # cost more than the model. If it fails, the runtime retries the whole batch; the
+        # claims make that harmless.
         with self._engine.begin() as conn:
+            store_results(conn, "embedding", self._embedder.model_id, fresh)
             for event in pending:
-                if not claim_event(conn, self.name, event.id):
-                    continue
-                row = lock_at_version(conn, event.aggregate_id, S.EMBEDDING_PENDING,
-                                      event.aggregate_version)
-                if row is None:
-                    continue
-                text = texts[event.id]
-                if text in errors:
-                    transition(conn, row, S.EMBEDDING_FAILED, self._settings,
-                               {"last_error": errors[text][:1000]})
-                    log.warning("embedding_failed", image=event.aggregate_id,
-                                error=errors[text][:200])
-                    continue
-                transition(conn, row, S.EMBEDDED, self._settings, {"embedding": {
-                    "model": self._embedder.model_id, "dim": self._embedder.dim,
-                    "vector": vectors[text]}})
+                with applying(event):  # its result continues the event's trace
+                    self._record(conn, event, texts[event.id], vectors, errors)
+
+    def _record(self, conn: Connection, event: EventEnvelope, text: str,
+                vectors: dict[str, list[float]], errors: dict[str, str]) -> None:
+        """The event's outcome: `embedded` with the vector, or `embedding_failed`."""
+        if not claim_event(conn, self.name, event.id):
+            return
+        row = lock_at_version(conn, event.aggregate_id, S.EMBEDDING_PENDING,
+                              event.aggregate_version)
+        if row is None:
+            return
+        if text in errors:
+            transition(conn, row, S.EMBEDDING_FAILED, self._settings,
+                       {"last_error": errors[text][:1000]})
+            log.warning("embedding_failed", image=event.aggregate_id, error=errors[text][:200])
+            return
+        transition(conn, row, S.EMBEDDED, self._settings, {"embedding": {
+            "model": self._embedder.model_id, "dim": self._embedder.dim,
+            "vector": vectors[text]}})
 
     def _embed(self, texts: list[str]) -> tuple[list[tuple[str, Any]], dict[str, str]]:
         """(text, vector) pairs and {text: error}: the batch in one call, or, when that
@@ -95,26 +102,24 @@ class EmbeddingWorker:
                 errors[text] = f"{type(exc).__name__}: {exc}"
         return done, errors
 
-    def _vectors(self, texts: list[str]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    def _vectors(self, texts: list[str]
+                 ) -> tuple[dict[str, list[float]], dict[str, str], dict[str, list[float]]]:
+        """Vectors and errors by text, and the new vectors by checksum (to be cached)."""
         model = self._embedder.model_id
         keys = {t: hashlib.sha256(t.encode()).hexdigest() for t in texts}
-        out: dict[str, list[float]] = {}
         with self._engine.connect() as conn:
-            for text, key in keys.items():
-                hit = cached_result(conn, "embedding", key, model)
-                if hit is not None:
-                    out[text] = hit
+            hits = cached_results(conn, "embedding", list(keys.values()), model)
+        out = {t: hits[k] for t, k in keys.items() if k in hits}
         missing = [t for t in texts if t not in out]
         errors: dict[str, str] = {}
+        fresh: dict[str, list[float]] = {}
         if missing:
             done, errors = self._embed(missing)
-            with self._engine.begin() as conn:
-                for text, vec in done:
-                    out[text] = [round(float(x), 6) for x in vec]
-                    store_result(conn, "embedding", keys[text], model, out[text])
+            for text, vec in done:
+                out[text] = fresh[keys[text]] = [round(float(x), 6) for x in vec]
             log.info("embedded", texts=len(done), cached=len(texts) - len(missing),
                      failed=len(errors))
-        return out, errors
+        return out, errors, fresh
 
     def close(self) -> None:
         """Nothing held beyond the shared engine."""

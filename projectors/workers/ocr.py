@@ -21,6 +21,7 @@ from images.store import ImageNotFound, load_image, lock_at_version, transition
 from images.tables import image_table
 from outbox.envelope import EventEnvelope
 from outbox.tracking import claim_event
+from projectors.apply_spans import applying
 from projectors.runtime import BatchInterrupted
 from projectors.settings import ProjectorSettings
 from projectors.workers.ocr_engine import (
@@ -44,9 +45,6 @@ class OcrWorker:
 
     name = "ocr"
     aggregate_types: Sequence[str] = ("image",)
-    # A burst of uploads lands in one batch, whose images then run side by side; against a
-    # recognition of about 0.4 s, the wait costs a single image little.
-    batch_window_s = 0.3
 
     def __init__(self, settings: ProjectorSettings, engine: Engine, s3: BaseClient,
                  should_stop: Callable[[], bool] = lambda: False) -> None:
@@ -78,13 +76,17 @@ class OcrWorker:
         for event in events:
             if self._should_stop():
                 raise BatchInterrupted
-            state = event.payload.get("state")
-            if state == S.OCR_PENDING:
-                self._process(event)
-            elif state == S.DELETED and event.payload.get("object_key"):
-                # The worker that reads objects also removes them; deleting twice is fine.
-                self._s3.delete_object(Bucket=self._settings.s3_bucket,
-                                       Key=event.payload["object_key"])
+            with applying(event):  # its results continue the event's trace
+                self._apply_event(event)
+
+    def _apply_event(self, event: EventEnvelope) -> None:
+        state = event.payload.get("state")
+        if state == S.OCR_PENDING:
+            self._process(event)
+        elif state == S.DELETED and event.payload.get("object_key"):
+            # The worker that reads objects also removes them; deleting twice is fine.
+            self._s3.delete_object(Bucket=self._settings.s3_bucket,
+                                   Key=event.payload["object_key"])
 
     def _start(self, event: EventEnvelope) -> RowMapping | None:
         with self._engine.begin() as conn:

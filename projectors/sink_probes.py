@@ -1,0 +1,49 @@
+"""Readiness probes of the stores the projectors (and the API) write or read: the search
+server, Redis, the bucket and PostgreSQL. Each is a cheap call on a client of its own with
+short timeouts and no retries (see `outbox/readiness.py`)."""
+
+from __future__ import annotations
+
+from elasticsearch import Elasticsearch
+from redis import Redis
+
+from images.settings import ImageSettings
+from images.storage import s3_client
+from outbox.db import libpq_dsn
+from outbox.readiness import PROBE_TIMEOUT_S, Probe, postgres_probe
+from projectors.settings import ProjectorSettings
+
+# The stores each projector needs, by probe name.
+SINKS: dict[str, tuple[str, ...]] = {
+    "ocr": ("database", "s3"),
+    "embed": ("database",),
+    "search": ("search", "redis"),
+    "cache": ("redis",),
+}
+
+
+def search_probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    """The search server's root (`GET /`)."""
+    client = Elasticsearch(url, request_timeout=timeout_s, max_retries=0)
+    return client.info
+
+
+def redis_probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    """`PING`."""
+    client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    return client.ping
+
+
+def s3_probe(settings: ImageSettings, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    """`HEAD` of the bucket."""
+    client = s3_client(settings, timeout_s=timeout_s)
+    return lambda: client.head_bucket(Bucket=settings.s3_bucket)
+
+
+def store_probes(settings: ProjectorSettings, names: tuple[str, ...]) -> dict[str, Probe]:
+    """The probes called `names` (database, s3, search, redis) for these settings."""
+    makers = {"database": lambda: postgres_probe(libpq_dsn(settings)),
+              "s3": lambda: s3_probe(settings),
+              "search": lambda: search_probe(settings.es_url),
+              "redis": lambda: redis_probe(settings.redis_url)}
+    return {name: makers[name]() for name in names}

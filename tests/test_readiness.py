@@ -1,0 +1,244 @@
+"""Liveness (`/healthz`) and readiness (`/readyz`) of every long-running process, against the
+real services. A dependency is made unreachable without touching the shared servers: the
+process reaches it through a proxy that is cut, or is given a port nothing listens on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+from fastapi.testclient import TestClient
+from sqlalchemy import make_url
+
+from app.api.app import create_app
+from outbox.db import libpq_dsn
+from outbox.observability import ObservabilityServer
+from outbox.pg_names import slot_name
+from outbox.readiness import CachedProbes
+from tests.faults.proxies import CuttableTcpProxy
+from tests.pipeline_harness import isolated_settings, wait_for
+from tests.relay_harness import ROOT, RelayProc, free_port, settings_env
+
+pytestmark = pytest.mark.slow
+
+
+def probe(port: int, path: str) -> tuple[int, dict] | None:
+    """Status code and JSON body of GET path on 127.0.0.1:port (None while nothing answers)."""
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}{path}", timeout=3)
+    except requests.RequestException:
+        return None
+    return r.status_code, r.json()
+
+
+def ready(port: int) -> dict | None:
+    """The readiness report when the process says it is ready."""
+    got = probe(port, "/readyz")
+    return got[1] if got and got[0] == 200 and got[1]["ready"] else None
+
+
+def not_ready(port: int, missing: str) -> dict | None:
+    """The readiness report when the process answers 503 naming `missing`."""
+    got = probe(port, "/readyz")
+    return got[1] if got and got[0] == 503 and missing in got[1]["missing"] else None
+
+
+def _slot_active(cfg) -> bool:
+    with psycopg.connect(libpq_dsn(cfg)) as conn:
+        row = conn.execute("select active from pg_replication_slots where slot_name = %s",
+                           (slot_name(cfg.db_schema),)).fetchone()
+    return bool(row and row[0])
+
+
+def assert_alive(port: int) -> dict:
+    """Liveness holds (200) whatever the dependencies do; returns the health report."""
+    got = probe(port, "/healthz")
+    assert got is not None and got[0] == 200, got
+    return got[1]
+
+
+@contextmanager
+def command(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """`outbox <args>` as a child process, killed by its PID afterwards."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "outbox.cli", *args], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_cached_probes_answer_within_their_budget_and_spare_the_dependencies():
+    calls = {"fast": 0, "slow": 0}
+    release = threading.Event()
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    def slow() -> None:
+        calls["slow"] += 1
+        release.wait(5)
+
+    def broken() -> None:
+        raise ConnectionError("refused\n  twice")
+
+    probes = CachedProbes({"fast": fast, "slow": slow, "broken": broken}, ttl_s=0.5,
+                          budget_s=0.2)
+    started = time.monotonic()
+    first = probes.results()
+    assert time.monotonic() - started < 1.0  # the slow probe does not hold the answer
+    assert first["fast"] == {"ok": True}
+    assert first["slow"] == {"ok": False, "error": "no answer within 0.2s"}
+    assert first["broken"] == {"ok": False, "error": "ConnectionError: refused twice"}
+    assert probes.results() == first and calls == {"fast": 1, "slow": 1}  # cached
+    time.sleep(0.6)
+    probes.results()
+    assert calls == {"fast": 2, "slow": 1}  # a probe still running is not started again
+    release.set()
+    time.sleep(0.6)
+    assert probes.results()["slow"] == {"ok": True}
+
+
+def test_healthz_is_liveness_and_readyz_decides_by_the_report():
+    state = {"unlive": None, "ready": False}
+    server = ObservabilityServer(
+        "127.0.0.1", 0, lambda: {"status": "failing"},
+        ready=lambda: {"ready": state["ready"], "missing": [] if state["ready"] else ["broker"]},
+        unlive=lambda: state["unlive"])
+    server.start()
+    try:
+        # A failing dependency is no reason for a restart: alive, the report unchanged.
+        assert probe(server.port, "/healthz") == (200, {"status": "failing"})
+        assert probe(server.port, "/readyz") == (503, {"ready": False, "missing": ["broker"]})
+        state["ready"] = True
+        assert probe(server.port, "/readyz") == (200, {"ready": True, "missing": []})
+        state["unlive"] = "stopping"
+        assert probe(server.port, "/healthz") == (
+            503, {"status": "failing", "live": False, "reason": "stopping"})
+    finally:
+        server.stop()
+
+
+def test_relay_ready_when_connected_and_not_while_the_database_is_unreachable(tmp_path):
+    with isolated_settings("rdy") as cfg:
+        url = make_url(cfg.database_url)
+        proxy = CuttableTcpProxy(url.port or 5432)
+        through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False)
+        cfg = cfg.model_copy(update={"relay_lock_poll_s": 0.3, "relay_heartbeat_s": 0.5})
+        first = RelayProc(cfg, "logical", tmp_path / "first.log",
+                          OUTBOX_DATABASE_URL=through_proxy)
+        second = None
+        try:
+            report = wait_for(lambda: ready(first.port), timeout_s=60, what="first ready")
+            assert report["role"] == "leader" and report["checks"]["slot"] == {"ok": True}
+            assert set(report["checks"]) == {"database", "broker", "slot"}
+            second = RelayProc(cfg, "logical", tmp_path / "second.log")
+            report = wait_for(lambda: ready(second.port), timeout_s=60, what="standby ready")
+            assert report["role"] == "standby" and "slot" not in report["checks"]
+
+            proxy.cut()
+            report = wait_for(lambda: not_ready(first.port, "database"), timeout_s=30,
+                              what="first not ready")
+            assert report["checks"]["database"]["error"]
+            assert report["checks"]["broker"] == {"ok": True}
+            assert_alive(first.port)
+
+            proxy.restore()
+            wait_for(lambda: ready(first.port), timeout_s=30, what="first ready again")
+            assert_alive(first.port)
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
+            proxy.close()
+            # The proxied walsender ends a moment after its client: then the slot can go.
+            wait_for(lambda: not _slot_active(cfg), timeout_s=30, what="the slot released")
+
+
+def test_projector_ready_when_joined_and_not_while_its_store_or_broker_is_unreachable(tmp_path):
+    with isolated_settings("rdy") as cfg:
+        es = make_url(cfg.es_url)
+        proxy = CuttableTcpProxy(es.port or 9200)
+        env = {**os.environ, **settings_env(cfg), "OUTBOX_PROJECTOR_SESSION_TIMEOUT_MS": "6000"}
+        search_port, cache_port = free_port(), free_port()
+        search_env = {**env, "OUTBOX_ES_URL": proxy.url}
+        # The cache projector's broker is a port nothing listens on: the process waits.
+        cache_env = {**env, "OUTBOX_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+        with command(["project", "search", "--metrics-port", str(search_port)], search_env,
+                     tmp_path / "search.log"), \
+                command(["project", "cache", "--metrics-port", str(cache_port)], cache_env,
+                        tmp_path / "cache.log") as cache:
+            try:
+                report = wait_for(lambda: ready(search_port), timeout_s=60,
+                                  what="search projector ready")
+                assert set(report["checks"]) == {"broker", "search", "redis", "group",
+                                                 "sink_writes"}
+                assert report["projector"] == "search"
+
+                proxy.cut()
+                report = wait_for(lambda: not_ready(search_port, "search"), timeout_s=30,
+                                  what="search projector not ready")
+                assert report["missing"] == ["search"]
+                assert_alive(search_port)
+                proxy.restore()
+                wait_for(lambda: ready(search_port), timeout_s=30, what="ready again")
+
+                report = wait_for(lambda: not_ready(cache_port, "broker"), timeout_s=30,
+                                  what="cache projector not ready")
+                assert set(report["missing"]) == {"broker", "group"}
+                assert report["checks"]["redis"] == {"ok": True}
+                assert assert_alive(cache_port)["status"] == "ok"
+                assert cache.poll() is None  # waiting for the broker, not exited
+            finally:
+                proxy.close()
+
+
+def test_reconciler_ready_when_connected_and_not_while_the_bucket_is_unreachable(tmp_path):
+    with isolated_settings("rdy") as cfg:
+        proxy = CuttableTcpProxy(make_url(cfg.s3_endpoint or "").port or 443)
+        env = {**os.environ, **settings_env(cfg), "OUTBOX_S3_ENDPOINT": proxy.url}
+        port = free_port()
+        with command(["reconcile", "--interval", "1", "--metrics-port", str(port)], env,
+                     tmp_path / "reconcile.log"):
+            try:
+                report = wait_for(lambda: ready(port), timeout_s=60, what="reconciler ready")
+                assert set(report["checks"]) == {"database", "s3"}
+                proxy.cut()
+                report = wait_for(lambda: not_ready(port, "s3"), timeout_s=30,
+                                  what="reconciler not ready")
+                assert report["missing"] == ["s3"]
+                assert_alive(port)
+            finally:
+                proxy.close()
+
+
+def test_api_ready_only_while_its_stores_answer(api_settings):
+    with TestClient(create_app(api_settings)) as api:
+        r = api.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["ready"] and set(r.json()["checks"]) == {"database", "search", "redis"}
+    closed = free_port()
+    cut_off = api_settings.model_copy(update={"es_url": f"http://127.0.0.1:{closed}",
+                                              "redis_url": f"redis://127.0.0.1:{closed}/0"})
+    app = create_app(cut_off)
+    with TestClient(app) as api:
+        r = api.get("/readyz")
+        assert r.status_code == 503, r.text
+        assert r.json()["missing"] == ["search", "redis"]
+        assert r.json()["checks"]["database"] == {"ok": True}
+        assert r.json()["checks"]["search"]["error"]
+        assert api.get("/healthz").json() == {"status": "ok"}  # alive all the same
+    app.state.ctx.engine.dispose()
