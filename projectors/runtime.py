@@ -108,7 +108,8 @@ class ConsumerRuntime:
         self.at_end: set[tuple[str, int]] = set()
         self._consumer = Consumer(consumer_config(
             settings, self.group_id, settings.projector_session_timeout_ms,
-            **{"max.poll.interval.ms": settings.projector_max_poll_interval_ms},
+            **{"max.poll.interval.ms": settings.projector_max_poll_interval_ms,
+               "fetch.wait.max.ms": settings.projector_fetch_wait_max_ms},
             **({"enable.partition.eof": True} if track_end else {})))
         self._dlq = Producer(producer_config(settings))
         self._topic_admin = TopicManager(settings)

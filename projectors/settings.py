@@ -22,6 +22,9 @@ class ProjectorSettings(ImageSettings):
     projector_max_retries: int = 4
     projector_max_poll_interval_ms: int = Field(
         default=300000, description="the consumer leaves its group when a poll is this late")
+    projector_fetch_wait_max_ms: int = Field(
+        default=500, ge=1, le=60000,
+        description="longest a fetch waits at the broker for new messages")
     task_ttl_s: int = Field(default=86400, description="finished task entries expire after")
     ocr_languages: str = "eng+chi_sim"
     ocr_concurrency: int = Field(
