@@ -593,10 +593,10 @@ def _code_version() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               check=False).stdout.strip()
-    changed = git("status", "--porcelain", "--", "app", "images", "outbox", "projectors",
-                  "relays")
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": [line[3:] for line in changed.splitlines()]}
+    # Names only: a porcelain line's leading status column is a space, which strip() eats.
+    changed = git("diff", "HEAD", "--name-only", "--", "app", "images", "outbox",
+                  "projectors", "relays")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "modified": changed.splitlines()}
 
 
 def run(n: int, objects: int, m: int, name: str) -> dict[str, Any]:

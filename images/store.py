@@ -111,6 +111,9 @@ def trace_id_of(traceparent: str | None) -> str:
     return os.urandom(16).hex()
 
 
+_HISTORY_INSERT = insert(image_event_table)  # built once, as `emit` does
+
+
 def _emit_for(conn: Connection, row: RowMapping, event_type: str) -> None:
     """The event of a change, continuing the image's trace, and its line in the history."""
     # The parent is the span being served (a request, a worker's event) when it belongs to
@@ -126,10 +129,11 @@ def _emit_for(conn: Connection, row: RowMapping, event_type: str) -> None:
         org_id=row["org_id"],
         headers={"traceparent": traceparent},
     )
-    conn.execute(insert(image_event_table).values(
-        event_id=event_id, image_id=row["id"], org_id=row["org_id"], version=row["version"],
-        type=event_type, state=row["state"], attempts=row["attempts"],
-        last_error=row["last_error"], traceparent=traceparent))
+    conn.execute(_HISTORY_INSERT, {
+        "event_id": event_id, "image_id": row["id"], "org_id": row["org_id"],
+        "version": row["version"], "type": event_type, "state": row["state"],
+        "attempts": row["attempts"], "last_error": row["last_error"],
+        "traceparent": traceparent})
 
 
 def create_image(
