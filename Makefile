@@ -12,7 +12,8 @@ APT_PACKAGES := postgresql redis-server tesseract-ocr tesseract-ocr-eng tesserac
 bootstrap: $(STAMP) $(APT_STAMP)
 
 # System packages, installed only when a binary is missing (unattended, as root or via sudo).
-$(APT_STAMP):
+# Checked again whenever the Makefile (and so the package list) changes.
+$(APT_STAMP): Makefile
 	@mkdir -p .outbox
 	@missing=0; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
@@ -35,8 +36,9 @@ $(APT_STAMP):
 PROMTOOL := .outbox/tools/usr/bin/promtool
 $(PROMTOOL):
 	@mkdir -p .outbox/tools
-	@cd .outbox/tools && { apt-get download prometheus >/dev/null 2>&1 || \
-		{ apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	@cd .outbox/tools && SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		{ apt-get download prometheus >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
 		dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb
 	@test -x $@
 

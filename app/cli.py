@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from outbox.cli import service_arguments
+from outbox.cli import print_report, service_arguments
 
 
 def _cmd_api(args: argparse.Namespace) -> int:
@@ -94,10 +94,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     report = {"rows": auditor.rows_read, "findings": dict(counts),
               "repaired": dict(repairer.done) if repairer else None,
               "items": [finding_dict(f) for f in found]}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_audit(report)
+    print_report(report, args.json, _print_audit)
     return 1 if counts else 0
 
 
@@ -204,10 +201,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     except ImageNotFound as exc:
         print(f"outbox trace: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(journey, indent=2))
-    else:
-        _print_trace(journey)
+    print_report(journey, args.json, _print_trace)
     return 0
 
 
@@ -288,10 +282,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except StatusIncomplete as exc:
         print(f"outbox status: could not complete: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_status(report)
+    print_report(report, args.json, print_status)
     return 0 if report["healthy"] else 1
 
 

@@ -84,7 +84,7 @@ class Processes:
             (self.run_dir / f"demo-{name}.pid").unlink(missing_ok=True)
 
 
-def wait_http(url: str, timeout_s: float = 60) -> None:
+def _wait_http(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -96,7 +96,7 @@ def wait_http(url: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-def wait_assigned(port: int, timeout_s: float = 60) -> None:
+def _wait_assigned(port: int, timeout_s: float = 60) -> None:
     """Until the projector on `port` holds partitions: its group has formed."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -108,6 +108,23 @@ def wait_assigned(port: int, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the projector on port {port} got no partitions")
+
+
+def start_pipeline(procs: Processes, api_port: int, metrics_ports: dict[str, int]) -> None:
+    """Start the API on `api_port` and each process of `metrics_ports` (`relay`,
+    `reconcile`, or a projector's name) with its metrics port; return once every one is
+    ready and every projector holds its partitions, so what follows measures the pipeline
+    rather than the consumer groups forming."""
+    procs.start("api", ["api", "--port", str(api_port)])
+    for name, port in metrics_ports.items():
+        command = [name] if name in ("relay", "reconcile") else ["project", name]
+        procs.start(name, [*command, "--metrics-port", str(port)])
+    _wait_http(f"http://127.0.0.1:{api_port}/readyz")
+    for port in metrics_ports.values():
+        _wait_http(f"http://127.0.0.1:{port}/readyz")
+    for name, port in metrics_ports.items():
+        if name not in ("relay", "reconcile"):
+            _wait_assigned(port)
 
 
 def submit(api: str, title: str, lines: list[str], metadata_first: bool,
@@ -159,18 +176,7 @@ def run_demo(settings: AppSettings, state_dir: Path) -> int:
     # SIGTERM unwinds like Ctrl-C, so the children are stopped rather than orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        procs.start("api", ["api", "--port", str(API_PORT)])
-        procs.start("relay", ["relay", "--metrics-port", str(METRICS_PORTS["relay"])])
-        for name in ("ocr", "embed", "search", "cache"):
-            procs.start(name, ["project", name, "--metrics-port", str(METRICS_PORTS[name])])
-        procs.start("reconcile", ["reconcile", "--metrics-port",
-                                  str(METRICS_PORTS["reconcile"])])
-        wait_http(f"{api}/readyz")
-        for port in METRICS_PORTS.values():
-            wait_http(f"http://127.0.0.1:{port}/readyz")
-        # The burst below then measures the pipeline, not the consumer groups forming.
-        for name in ("ocr", "embed", "search", "cache"):
-            wait_assigned(METRICS_PORTS[name])
+        start_pipeline(procs, API_PORT, METRICS_PORTS)
         console.print(f"API {api}, relay and projectors running (logs: {procs.log_dir})")
         samples = SAMPLES["english"] + SAMPLES["chinese"]
         uploads = [submit(api, doc["title"], doc["lines"], metadata_first=i % 2 == 0)

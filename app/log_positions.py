@@ -26,6 +26,7 @@ from images.store import AGGREGATE
 from outbox.kafka import topic_name
 from projectors.rebuild import committed
 from projectors.registry import PROJECTORS
+from projectors.runtime import live_group
 
 # Messages read per partition at most: a projector's backlog beyond it is "at least" this.
 PROJECTOR_READ_CAP = 500
@@ -130,7 +131,7 @@ def _age_s(timestamp_ms: int | None) -> float | None:
 
 def projector_groups(settings: AppSettings) -> dict[str, str]:
     """Each projector's consumer group (the runtime's default group id)."""
-    return {name: f"{settings.topic_prefix}.{name}" for name in PROJECTORS}
+    return {name: live_group(settings, name) for name in PROJECTORS}
 
 
 def committed_totals(settings: AppSettings) -> dict[str, dict[Partition, int]]:

@@ -60,27 +60,25 @@ def image_summary(engine: Engine, org: str | None, limit: int = 20) -> dict[str,
     now = func.now()
     overdue_s = func.extract("epoch", now - t.deadline_at)
     with engine.connect() as conn:
-        per_state = {row.state: (row.n, row.recent) for row in conn.execute(
+        per_state = {row.state: row for row in conn.execute(
             select(t.state, func.count().label("n"),
-                   func.count().filter(t.state_entered_at > now - RECENT).label("recent"))
+                   func.count().filter(t.state_entered_at > now - RECENT).label("recent"),
+                   func.count().filter(t.deadline_at < now).label("overdue"))
             .where(*scope).group_by(t.state))}
-        overdue_by_state = dict(conn.execute(
-            select(t.state, func.count()).where(t.deadline_at < now, *scope)
-            .group_by(t.state)).all())
         overdue = conn.execute(
             select(t.id, t.org_id, t.state, t.deadline_at, overdue_s.label("overdue_s"))
             .where(t.deadline_at < now, *scope).order_by(t.deadline_at).limit(limit)).all()
-        failed_by_state = dict(conn.execute(
-            select(t.state, func.count()).where(t.state.in_(FAILED_STATES), *scope)
-            .group_by(t.state)).all())
         failed = conn.execute(
             select(t.id, t.org_id, t.state, t.attempts, t.last_error, t.updated_at)
             .where(t.state.in_(FAILED_STATES), *scope)
             .order_by(t.updated_at.desc()).limit(limit)).all()
+    overdue_by_state = {s: row.overdue for s, row in per_state.items() if row.overdue}
+    failed_by_state = {s.value: per_state[s.value].n for s in FAILED_STATES
+                       if s.value in per_state}
     return {
-        "images": [{"state": s.value, "count": per_state.get(s.value, (0, 0))[0],
-                    "entered_last_minute": per_state.get(s.value, (0, 0))[1]}
-                   for s in ImageState],
+        "images": [{"state": s.value, "count": row.n if row else 0,
+                    "entered_last_minute": row.recent if row else 0}
+                   for s in ImageState for row in [per_state.get(s.value)]],
         "overdue": {"count": sum(overdue_by_state.values()), "by_state": overdue_by_state,
                     "items": [{"id": str(r.id), "org_id": r.org_id, "state": r.state,
                                "deadline_at": _iso(r.deadline_at),

@@ -46,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from app.demo import Processes, Upload, stage_times, submit, wait_assigned, wait_http
+from app.demo import Processes, Upload, stage_times, start_pipeline, submit
 from app.settings import AppSettings
 from bench.cli import bench_main
 from bench.workers import bodies
@@ -245,7 +245,8 @@ class PipelineProcesses:
 
     def __init__(self, settings: AppSettings, ocr_concurrency: int | None = None,
                  fetch_wait_ms: int | None = None) -> None:
-        self.api = f"http://127.0.0.1:{_free_port()}"
+        self._api_port = _free_port()
+        self.api = f"http://127.0.0.1:{self._api_port}"
         self.metrics = {name: _free_port() for name in ("relay", *PROJECTORS)}
         env = {**os.environ, **settings_env(settings)}
         if ocr_concurrency is not None:
@@ -256,16 +257,7 @@ class PipelineProcesses:
 
     def __enter__(self) -> PipelineProcesses:
         try:
-            self._procs.start("api", ["api", "--port", self.api.rsplit(":", 1)[1]])
-            self._procs.start("relay", ["relay", "--metrics-port", str(self.metrics["relay"])])
-            for name in PROJECTORS:
-                self._procs.start(name, ["project", name, "--metrics-port",
-                                         str(self.metrics[name])])
-            wait_http(f"{self.api}/healthz")
-            for port in self.metrics.values():
-                wait_http(f"http://127.0.0.1:{port}/healthz")
-            for name in PROJECTORS:
-                wait_assigned(self.metrics[name])
+            start_pipeline(self._procs, self._api_port, self.metrics)
         except BaseException:
             self._procs.stop()
             raise

@@ -45,14 +45,18 @@ def headline(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _worst(hops: dict[str, Any], key: str) -> float | None:
+    """The slowest hop's figure; None (not measured) when a hop saw no event."""
+    values = [h[key] for h in hops.values()]
+    return None if None in values else max(values)
+
+
 def _rows(h: dict[str, Any]) -> list[str]:
     steady, hops = h["pipeline"]["steady"], h["hop_latency"]
-    worst50 = max(v["p50_ms"] or 0 for v in hops.values())
-    worst99 = max(v["p99_ms"] or 0 for v in hops.values())
+    worst50, worst99 = _worst(hops, "p50_ms"), _worst(hops, "p99_ms")
     ocr_plus_1 = round(steady["stages"]["ocr_s"] + 1, 3)
-    fast_hops = h["hop_latency_fast_fetch"]["hops"].values()
-    fast50 = max(v["p50_ms"] or 0 for v in fast_hops)
-    fast99 = max(v["p99_ms"] or 0 for v in fast_hops)
+    fast_hops = h["hop_latency_fast_fetch"]["hops"]
+    fast50, fast99 = _worst(fast_hops, "p50_ms"), _worst(fast_hops, "p99_ms")
     rows = [
         ("`outbox_overhead` ratio", h["outbox_overhead"]["ratio"], ">= 0.85",
          _target(h["outbox_overhead"]["ratio"], at_least=0.85)),

@@ -25,6 +25,7 @@ from images.policy import (
 )
 from images.settings import ImageSettings
 from images.tables import image_event_table, image_table, result_cache_table
+from outbox import tracing
 from outbox.emit import emit
 from outbox.tracing import child_traceparent
 
@@ -101,14 +102,7 @@ def _deadline(state: ImageState, settings: ImageSettings) -> Any:
 def trace_id_of(traceparent: str | None) -> str:
     """The trace id of a W3C `traceparent` header, or a new one when it is absent or
     malformed."""
-    parts = (traceparent or "").strip().split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-        try:
-            int(parts[1], 16)
-            return parts[1].lower()
-        except ValueError:
-            pass
-    return os.urandom(16).hex()
+    return tracing.trace_id_of(traceparent) or os.urandom(16).hex()
 
 
 _HISTORY_INSERT = insert(image_event_table)  # built once, as `emit` does

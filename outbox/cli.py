@@ -13,8 +13,17 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from typing import Any
 
 from outbox.settings import get_settings
+
+
+def print_report(report: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """A command's result: JSON for machines (`--json`), else `render`'s table."""
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        render(report)
 
 
 def _cmd_config(_: argparse.Namespace) -> int:
@@ -82,7 +91,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     """Show what Kafka keeps of the `<prefix>.*` topics, after creating those of --create.
     Exit 0 when a replay from offset 0 gets every event of every topic (nothing deleted,
     infinite retention), 1 otherwise, 2 when Kafka cannot be reached or a topic not created."""
-    from outbox.topics import INFINITE_RETENTION, KafkaUnreachable, describe_topics, replay_safe
+    from outbox.topics import KafkaUnreachable, describe_topics, replay_safe
 
     s = get_settings()
     error = _create_topics(args.create) if args.create else None
@@ -94,31 +103,35 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     except KafkaUnreachable as exc:
         print(f"outbox topics: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(topics, indent=2))
-    else:
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{s.topic_prefix}.* on {s.kafka_bootstrap}", box=box.SIMPLE)
-        table.add_column("topic", overflow="fold")
-        for column in ("parts", "repl", "min.isr", "retention", "cleanup"):
-            table.add_column(column, no_wrap=True)
-        table.add_column("replay coverage", min_width=len("complete"))
-        for t in topics:
-            retention = t["retention_ms"]
-            table.add_row(
-                t["name"], str(t["partitions"]), str(t["replication_factor"]),
-                t["min_insync_replicas"],
-                "infinite" if retention == INFINITE_RETENTION else retention,
-                t["cleanup_policy"], t["replay_coverage"],
-                style=None if replay_safe(t) else "red",
-            )
-        Console().print(table)
+    print_report(topics, args.json, lambda ts: _print_topics(ts, f"{s.topic_prefix}.* on "
+                                                            f"{s.kafka_bootstrap}"))
     if not topics:
         print(f"no topics named {s.topic_prefix}.* on {s.kafka_bootstrap}", file=sys.stderr)
     return 0 if all(replay_safe(t) for t in topics) else 1
+
+
+def _print_topics(topics: list[dict[str, Any]], title: str) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from outbox.topics import INFINITE_RETENTION, replay_safe
+
+    table = Table(title=title, box=box.SIMPLE)
+    table.add_column("topic", overflow="fold")
+    for column in ("parts", "repl", "min.isr", "retention", "cleanup"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("replay coverage", min_width=len("complete"))
+    for t in topics:
+        retention = t["retention_ms"]
+        table.add_row(
+            t["name"], str(t["partitions"]), str(t["replication_factor"]),
+            t["min_insync_replicas"],
+            "infinite" if retention == INFINITE_RETENTION else retention,
+            t["cleanup_policy"], t["replay_coverage"],
+            style=None if replay_safe(t) else "red",
+        )
+    Console().print(table)
 
 
 def service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,

@@ -112,12 +112,16 @@ def context_from_headers(headers: Mapping[str, str]) -> Context:
     return PROPAGATOR.extract(headers)
 
 
-def trace_id_of(traceparent: str | bytes | None) -> str | None:
-    """The trace id of a `traceparent` (for log lines; no validation beyond its shape)."""
-    if isinstance(traceparent, bytes):
-        traceparent = traceparent.decode("ascii", "replace")
-    if traceparent and len(traceparent) >= 35 and traceparent[2] == "-":
-        return traceparent[3:35]
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C `traceparent` header (lower case), or None when it is absent
+    or malformed (not 32 hex digits, or all zeros)."""
+    parts = (traceparent or "").strip().split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        try:
+            int(parts[1], 16)
+        except ValueError:
+            return None
+        return parts[1].lower()
     return None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from outbox.cli import service_arguments
+from outbox.cli import print_report, service_arguments
 
 NAMES = ("ocr", "embed", "search", "cache")
 
@@ -40,10 +40,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             letters = list_dead_letters(get_settings(), args.topic)
-            if args.json:
-                print(json.dumps(letters, indent=2))
-            else:
-                _print_letters(letters)
+            print_report(letters, args.json, _print_letters)
             return 0
         print(json.dumps(replay(get_settings(), args.topic)))
         return 0

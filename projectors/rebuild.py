@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient
 from elasticsearch import Elasticsearch
 
 from outbox.kafka import topic_name
-from projectors.runtime import ConsumerRuntime, Projector
+from projectors.runtime import ConsumerRuntime, Projector, live_group
 from projectors.settings import ProjectorSettings
 from projectors.views.search import SearchProjector
 from projectors.views.search_index import (
@@ -93,7 +93,7 @@ class Rebuild:
                  = lambda _: None, poll_s: float = 0.5) -> None:
         self.settings = settings
         self.topics = [topic_name(settings.topic_prefix, "image")]
-        self.live_group = f"{settings.topic_prefix}.{self.view}"
+        self.live_group = live_group(settings, self.view)
         self.progress = Progress()
         self._on_progress = on_progress
         self._poll_s = poll_s

@@ -62,6 +62,11 @@ class BatchInterrupted(Exception):
     durable and idempotent, the rest is handed back uncommitted."""
 
 
+def live_group(settings: ProjectorSettings, name: str) -> str:
+    """The consumer group of the live projector `name`."""
+    return f"{settings.topic_prefix}.{name}"
+
+
 class Projector(Protocol):
     """What a projector provides to the runtime."""
 
@@ -94,7 +99,7 @@ class ConsumerRuntime:
         self.stop = stop or threading.Event()
         self.abandon = abandon or threading.Event()
         self._applier = ThreadPoolExecutor(1, thread_name_prefix=f"apply-{projector.name}")
-        self.group_id = group_id or f"{settings.topic_prefix}.{projector.name}"
+        self.group_id = group_id or live_group(settings, projector.name)
         self.topics = [topic_name(settings.topic_prefix, t) for t in projector.aggregate_types]
         self.last_applied_at: float | None = None
         self.applied = 0  # events applied and committed by this runtime

@@ -8,7 +8,7 @@ import sys
 
 import psycopg
 
-from outbox.cli import service_arguments
+from outbox.cli import print_report, service_arguments
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
@@ -38,10 +38,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except psycopg.OperationalError as exc:
         print(f"outbox relay status: cannot reach the database: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(status, indent=2, default=str))
-    else:
-        _print_status(status)
+    print_report(status, args.json, _print_status)
     return 1 if status["problems"] else 0
 
 

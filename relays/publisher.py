@@ -102,8 +102,8 @@ class BatchPublisher:
             if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
             # It can never be sent: park it where it is visible, and go on.
-            self._dead_letter(topic, rec.aggregate_id.encode(), rec.without_payload().value(),
-                              rec.kafka_headers(), f"too large for the broker: {exc.args[0].str()}",
+            self._dead_letter(topic, key, rec.without_payload().value(), headers,
+                              f"too large for the broker: {exc.args[0].str()}",
                               payload_omitted=True)
         self._sent += 1
         if self._sent % 1000 == 0:  # serve callbacks now and then, not per message
@@ -146,15 +146,14 @@ class BatchPublisher:
         broker refused for good. Raises ProducerFatal, or PublishError when a stop was
         requested and the acknowledgements did not come within `grace_s`: the caller must
         then not move its position."""
-        if self._trail is None:
-            self._settle(grace_s)
-            return
         try:
             self._settle(grace_s)
         except Exception as exc:
-            self._trail.settled(error=f"{type(exc).__name__}: {exc}")
+            if self._trail is not None:
+                self._trail.settled(error=f"{type(exc).__name__}: {exc}")
             raise
-        self._trail.settled()
+        if self._trail is not None:
+            self._trail.settled()
 
     def _settle(self, grace_s: float) -> None:
         self._wait_for_acks(grace_s)

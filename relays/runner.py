@@ -116,9 +116,7 @@ class RelayProcess:
         attempt to publish fails or a batch waits for acknowledgements that do not come (a
         broker outage); `schema_mismatch` while the outbox cannot be decoded. Either way the
         process is alive (`/healthz` 200); `/readyz` says it is not ready."""
-        publisher = self._publisher
-        stalled = publisher is not None and publisher.seconds_awaiting_acks() > ACK_STALL_S
-        failing = self.failing_since is not None or stalled
+        failing = self.failing_since is not None or self._ack_wait_s() > ACK_STALL_S
         status = self.problem or ("failing" if failing else "ok")
         return {"status": status, "mode": self.mode,
                 "role": "leader" if self.leader else "standby",
@@ -135,13 +133,16 @@ class RelayProcess:
         return readiness_report(checks, mode=self.mode,
                                 role="leader" if self.leader else "standby")
 
-    def _publishing_check(self) -> Check:
+    def _ack_wait_s(self) -> float:
+        """How long the batch in hand has waited for the broker's acknowledgements."""
         publisher = self._publisher
+        return publisher.seconds_awaiting_acks() if publisher is not None else 0.0
+
+    def _publishing_check(self) -> Check:
         if self.problem is not None:
             return missing(f"{self.problem}: {self.last_error}")
-        if publisher is not None and publisher.seconds_awaiting_acks() > ACK_STALL_S:
-            return missing(f"acknowledgements awaited for "
-                           f"{publisher.seconds_awaiting_acks():.0f}s")
+        if (waited := self._ack_wait_s()) > ACK_STALL_S:
+            return missing(f"acknowledgements awaited for {waited:.0f}s")
         if self.failing_since is not None:
             return missing(f"failing since {self.failing_since:.0f}: {self.last_error}")
         if not self.publishing:
@@ -216,7 +217,6 @@ class RelayProcess:
     def _lead(self, relay: Relay, lock: LeaderLock) -> None:
         """Publish until stopped or until the lock is lost."""
         backoff = 0.0
-        ready = False
         next_janitor = time.monotonic() + self.settings.janitor_interval_s
         while not self._turn():
             # Checked before every batch, so a relay that lost its lock publishes at most
@@ -225,10 +225,9 @@ class RelayProcess:
                 log.error("leader_lock_lost")
                 return
             try:
-                if not ready:
-                    self.publishing = False
+                if not self.publishing:
                     relay.setup()
-                    ready = self.publishing = True
+                    self.publishing = True
                     self.problem = None
                     log.info("relay_started", mode=self.mode, schema=self.settings.db_schema)
                 count = relay.run_once()
@@ -244,18 +243,18 @@ class RelayProcess:
             except ProducerFatal:
                 raise
             except SchemaMismatch as exc:
-                ready = False
+                self.publishing = False
                 self._fail(exc)
                 self.problem = "schema_mismatch"
                 log.error("relay_schema_mismatch", error=str(exc),
                           action=f"publishing stopped; retrying in {SCHEMA_RETRY_S:.0f}s")
                 self.stop.wait(SCHEMA_RETRY_S)
             except PublicationChanged as exc:
-                ready = False
+                self.publishing = False
                 self._fail(exc)
                 log.error("publication_changed", error=str(exc), action="recreating the slot")
             except RETRIABLE as exc:
-                ready = False
+                self.publishing = False
                 self._fail(exc)
                 backoff = min(max(backoff * 2, 0.5), 10.0)
                 log.warning("relay_retry", error=str(exc)[:300], backoff_s=backoff)

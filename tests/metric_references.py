@@ -4,15 +4,15 @@ exports: every metric name exists, and every label an expression names (in a mat
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import promql_parser as pq
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
+from tests.project_modules import import_project_modules
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("outbox", "relays", "projectors", "images", "app")
 # Prometheus adds these to every scraped series, and writes `up` for every target itself.
 TARGET_LABELS = frozenset({"job", "instance"})
 SCRAPE_SERIES = {"up": frozenset()}
@@ -30,22 +30,10 @@ SET_OPERATORS = {"and", "or", "unless"}
 Labels = frozenset[str] | None  # None: a scalar or a string
 
 
-def metric_modules() -> list[str]:
-    """The modules of the project's packages that use prometheus_client."""
-    found = []
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            if "prometheus_client" in path.read_text(encoding="utf-8"):
-                module = path.relative_to(ROOT).with_suffix("").parts
-                found.append(".".join(module[:-1] if module[-1] == "__init__" else module))
-    return found
-
-
 def exported_series() -> dict[str, frozenset[str]]:
     """Every series name the processes can export, with its label names (target labels
     included), read from the registry once every module that defines metrics is imported."""
-    for module in metric_modules():
-        importlib.import_module(module)
+    import_project_modules()
     series = dict(SCRAPE_SERIES)
     # The registry lists its collectors only through this private mapping; a labelled
     # metric without children yields no samples, so its label names come from the metric.

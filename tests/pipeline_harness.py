@@ -22,6 +22,7 @@ from images.storage import s3_client
 from outbox.migrate import migrate
 from projectors.registry import build_runtime
 from projectors.runtime import ConsumerRuntime
+from projectors.views.task_cache import TaskCache
 from relays.runner import RelayProcess
 from tests.auth import API_KEYS
 from tests.relay_harness import drop_slot_and_publication
@@ -118,7 +119,7 @@ def isolated_settings(tag: str) -> Iterator[AppSettings]:
 def cache_at(settings: AppSettings, image_id: str, version: int) -> bool:
     """Whether the task cache holds exactly `version` of the image."""
     client = redis.Redis.from_url(settings.redis_url)
-    cached = client.hget(f"{settings.redis_prefix}:task:{image_id}", "version")
+    cached = client.hget(TaskCache(settings, client).key(image_id), "version")
     client.close()
     return cached is not None and int(cached) == version
 

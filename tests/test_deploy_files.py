@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
-import importlib
 import io
 import os
-import pkgutil
 import shlex
 import subprocess
 import sys
@@ -30,10 +28,13 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
+from images.store import AGGREGATE
 from outbox.cli import build_parser
+from outbox.kafka import topic_name
 from outbox.settings import Settings
 from projectors.cli import NAMES as PROJECTORS
 from projectors.registry import METRICS_PORTS
+from tests.project_modules import PACKAGES, import_project_modules
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -47,7 +48,6 @@ K8S = INFRA / "k8s"
 # the newest the installed kubernetes-validate knows.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 IMAGE = "outbox-sidecar"
-PACKAGES = ("outbox", "relays", "images", "projectors", "app")
 # Every process the deployments must run, as (command, projector name or None).
 PROCESSES = {("api", None), ("relay", None), ("reconcile", None),
              *(("project", name) for name in PROJECTORS)}
@@ -252,24 +252,28 @@ def test_the_image_runs_outbox_and_every_command_the_files_use_exists():
     wanted = PROCESSES | JOBS
     assert not wanted - compose, f"compose does not run {wanted - compose}"
     assert not wanted - k8s, f"k8s does not run {wanted - k8s}"
+    for where, args in parsed.items():  # the topic job creates the topic the pipeline uses
+        if _kind(args) == ("topics", None):
+            assert args.create == [AGGREGATE], f"{where}: topics --create {AGGREGATE} expected"
+
+
+def _served(processes: Iterator[Process]) -> Iterator[tuple[Process, int]]:
+    """The long-running processes, with the port they serve on (checked to be reachable
+    from outside their container)."""
+    for process in processes:
+        args = _parse(process)
+        if _kind(args) in PROCESSES:
+            host, port = _listens(args)
+            assert host == "0.0.0.0", f"{process.where}: unreachable from outside its container"
+            yield process, port
 
 
 def test_every_probe_looks_where_its_process_listens():
-    for process in _compose_processes():
-        args = _parse(process)
-        if _kind(args) not in PROCESSES:
-            continue
-        host, port = _listens(args)
-        assert host == "0.0.0.0", f"{process.where}: unreachable from outside the container"
+    for process, port in _served(_compose_processes()):
         url = urlsplit(process.spec["healthcheck"]["test"][-1])
         assert (url.port, url.path) == (port, "/readyz"), process.where
 
-    for process in _k8s_processes():
-        args = _parse(process)
-        if _kind(args) not in PROCESSES:
-            continue
-        host, port = _listens(args)
-        assert host == "0.0.0.0", f"{process.where}: unreachable from the kubelet"
+    for process, port in _served(_k8s_processes()):
         ports = {p["name"]: p["containerPort"] for p in process.spec["ports"]}
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             get = process.spec[probe]["httpGet"]
@@ -278,13 +282,8 @@ def test_every_probe_looks_where_its_process_listens():
 
 
 def _settings_classes() -> set[type[BaseSettings]]:
-    """Every settings class of the packages (all their modules imported; the migration
-    environments are scripts that run on import, and hold no settings)."""
-    for package in PACKAGES:
-        module = importlib.import_module(package)
-        for info in pkgutil.walk_packages(module.__path__, f"{package}."):
-            if ".migrations" not in info.name:
-                importlib.import_module(info.name)
+    """Every settings class of the packages (all their modules imported)."""
+    import_project_modules()
     found, todo = set(), [BaseSettings]
     while todo:
         for sub in todo.pop().__subclasses__():
@@ -383,5 +382,6 @@ def test_the_workers_autoscale_on_their_lag_up_to_the_partition_count():
         [metric] = hpa["spec"]["metrics"]
         assert metric["type"] == "External"
         labels = metric["external"]["metric"]["selector"]["matchLabels"]
-        assert labels == {"consumergroup": f"{prefix}.{projector}", "topic": f"{prefix}.image"}
+        assert labels == {"consumergroup": f"{prefix}.{projector}",
+                          "topic": topic_name(prefix, AGGREGATE)}
     assert scaled == {"ocr", "embed"}

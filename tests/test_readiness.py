@@ -5,6 +5,7 @@ process reaches it through a proxy that is cut, or is given a port nothing liste
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,15 +16,19 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 import requests
 from fastapi.testclient import TestClient
 from sqlalchemy import make_url
 
 from app.api.app import create_app
 from outbox.db import libpq_dsn
-from outbox.observability import ObservabilityServer
+from outbox.observability import ObservabilityServer, serve_until_stopped
 from outbox.pg_names import slot_name
 from outbox.readiness import CachedProbes
+from projectors.runtime import ConsumerRuntime
+from projectors.views.task_cache import TaskCache, TaskCacheProjector
+from relays.runner import STALL_S, RelayProcess
 from tests.faults.proxies import CuttableTcpProxy
 from tests.pipeline_harness import isolated_settings, wait_for
 from tests.relay_harness import ROOT, RelayProc, free_port, settings_env
@@ -129,6 +134,53 @@ def test_healthz_is_liveness_and_readyz_decides_by_the_report():
             503, {"status": "failing", "live": False, "reason": "stopping"})
     finally:
         server.stop()
+
+
+def test_a_stopping_process_is_neither_alive_nor_ready():
+    stop, port, seen = threading.Event(), free_port(), {}
+
+    def run() -> int:  # the process's work: it answers, then a stop is requested meanwhile
+        wait_for(lambda: probe(port, "/readyz"), timeout_s=10, interval_s=0.05, what="served")
+        seen["before"] = probe(port, "/readyz"), probe(port, "/healthz")
+        stop.set()
+        seen["after"] = probe(port, "/readyz"), probe(port, "/healthz")
+        return 0
+
+    ready = {"ready": True, "missing": [], "checks": {"database": {"ok": True}}}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:  # it takes SIGTERM and SIGINT for the process: given back to pytest afterwards
+        assert serve_until_stopped(stop, lambda: {"status": "ok"}, "127.0.0.1", port, run,
+                                   ready=lambda: ready) == 0
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert seen["before"] == ((200, ready), (200, {"status": "ok"}))
+    (ready_code, ready_body), (live_code, live_body) = seen["after"]
+    assert (ready_code, ready_body["missing"]) == (503, ["running"])
+    assert (live_code, live_body["reason"]) == (503, "stopping")
+
+
+def test_a_stalled_loop_fails_liveness_and_a_relay_says_why_it_does_not_publish(api_settings):
+    relay = RelayProcess(api_settings, "logical")
+    assert relay.stalled() is None
+    relay._loop_at -= STALL_S + 1  # neither the loop nor a producer moved since
+    assert relay.stalled().startswith("no progress for")
+    relay.leader = True
+    assert relay.readiness()["checks"]["slot"] == {"ok": False, "error": "being set up"}
+    relay.publishing = True
+    assert relay.readiness()["checks"]["slot"] == {"ok": True}
+    relay.failing_since, relay.last_error = 5.0, "broker down"
+    assert relay.readiness()["checks"]["slot"]["error"] == "failing since 5: broker down"
+    relay.problem, relay.last_error = "schema_mismatch", "no column seq"
+    assert relay.readiness()["missing"] == ["slot"]
+    assert relay.readiness()["checks"]["slot"]["error"] == "schema_mismatch: no column seq"
+
+    client = redis.Redis.from_url(api_settings.redis_url)
+    runtime = ConsumerRuntime(api_settings,
+                              TaskCacheProjector(TaskCache(api_settings, client), client))
+    assert runtime.stalled() is None
+    runtime._loop_at -= api_settings.projector_max_poll_interval_ms / 1000 + 1
+    assert runtime.stalled().startswith("no poll for")
 
 
 def test_relay_ready_when_connected_and_not_while_the_database_is_unreachable(tmp_path):

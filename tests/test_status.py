@@ -25,6 +25,7 @@ from app.log_positions import ThroughputMeter, group_backlogs
 from outbox.db import make_engine
 from outbox.kafka import dlq_topic, topic_name
 from outbox.tables import outbox_table
+from projectors.dead_letters import replay
 from tests.auth import AUTH_A, AUTH_B
 from tests.images import undecodable_png
 from tests.pipeline_harness import PROJECTOR_NAMES, cache_at, isolated_settings, wait_for
@@ -191,6 +192,15 @@ def test_lag_overdue_failed_images_and_dead_letters_need_attention(cfg, pipeline
     assert overdue in table.stdout and failed in table.stdout
     assert "attention: images past their state deadline: 1 (requested 1)" in table.stdout
     assert f"attention: dead letters not replayed in {dlq_topic(topic, 'ocr')}: 1" in table.stdout
+
+    # Replayed, the OCR projector's letters count as such; back in the source topic they
+    # fail again (two new letters in every dead-letter topic, not replayed).
+    assert replay(cfg, dlq_topic(topic, "ocr"))["replayed"] == 2
+    wait_for(lambda: caught_up(api), what="the replayed messages dead-lettered again")
+    report = json.loads(cli(cfg, "--json", "--window", "0").stdout)
+    letters = {d["topic"]: (d["letters"], d["not_replayed"]) for d in report["dead_letters"]}
+    assert letters == {dlq_topic(topic, n): (4, 2 if n == "ocr" else 4)
+                       for n in PROJECTOR_NAMES}
 
 
 def test_another_org_sees_nothing_of_this_org(api, embedded):

@@ -22,8 +22,8 @@ from app.api.status_page import status_router
 from app.settings import AppSettings, get_app_settings
 from app.trace import ImageTrace
 from images.storage import s3_client
-from outbox.db import libpq_dsn, make_engine
-from outbox.readiness import CachedProbes, postgres_probe, readiness_report
+from outbox.db import make_engine
+from outbox.readiness import CachedProbes, readiness_report
 from projectors.sink_probes import store_probes
 from projectors.views.search_reader import SearchReader
 from projectors.views.task_cache import TaskCache
@@ -90,8 +90,7 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
         must not restart every API process); `/readyz` does."""
         return JSONResponse({"status": "ok"})
 
-    probes = CachedProbes({"database": postgres_probe(libpq_dsn(settings)),
-                           **store_probes(settings, ("search", "redis"))})
+    probes = CachedProbes(store_probes(settings, ("database", "search", "redis")))
 
     @app.get("/readyz", tags=["ops"])
     def readyz() -> JSONResponse:
