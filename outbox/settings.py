@@ -8,6 +8,7 @@ PostgreSQL in production. Packages built on the core extend `Settings` with thei
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,25 @@ class Settings(BaseSettings):
         "batch in flight at its restart (Tansu 0.6, see README): one request in flight per "
         "connection then keeps the order, and a retry may duplicate")
     topic_prefix: str = "outbox"
+    emit_mode: Literal["table", "message"] = Field(
+        default="table",
+        description="table: `emit`/`outbox_emit` insert an outbox row; message: they write "
+        "a transactional logical-decoding message (pg_logical_emit_message) and no row")
+    wire_format: Literal["envelope", "debezium", "cloudevents-binary",
+                         "cloudevents-structured"] = Field(
+        default="envelope", description="how events are written to Kafka (per deployment)")
+    wire_formats: dict[str, Literal["envelope", "debezium", "cloudevents-binary",
+                                    "cloudevents-structured"]] = Field(
+        default_factory=dict,
+        description="per aggregate type, overriding wire_format (JSON, e.g. "
+        '{"order": "debezium"})')
+    debezium_topic_replacement: str = Field(
+        default="outbox.event.${routedByValue}",
+        description="topic of the debezium format, as the outbox event router's "
+        "route.topic.replacement (${routedByValue} = the aggregate type)")
+    cloudevents_source: str | None = Field(
+        default=None, description="the CloudEvents `source` attribute (default: "
+        "/outbox-sidecar/<db_schema>)")
     topic_partitions: int = 3
     topic_replication_factor: int | None = Field(
         default=None, ge=1,

@@ -172,7 +172,7 @@ class LogicalRelay:
         waiting up to `relay_poll_interval_s` for something to arrive)."""
         assert self._stream is not None, "setup() first"
         stream, publisher = self._stream, self._publisher
-        schema, relations, topics = self._schema, self._relations, self._topics
+        schema, relations = self._schema, self._relations
         limit = self._settings.relay_batch_size
         events = 0
         in_txn = False
@@ -194,25 +194,10 @@ class LogicalRelay:
                 rel = relations[_U32.unpack_from(msg, 1)[0]]
                 if not rel.is_outbox:
                     continue
-                row = rel.pick(_tuple(msg, 6))
-                seq, eid, agg_type, agg_id, etype, version, org, payload, headers, created = row
-                try:
-                    event_id, event_type = eid.decode(), etype.decode()
-                    value = encode_value(
-                        id=event_id, type=event_type, aggregate_type=agg_type.decode(),
-                        aggregate_id=agg_id.decode(),
-                        aggregate_version=None if version is None else int(version),
-                        org_id=None if org is None else org.decode(),
-                        occurred_at=rfc3339(created.decode()), payload_json=payload)
-                    hdrs = kafka_headers(event_id, event_type, headers)
-                except (AttributeError, ValueError) as exc:
-                    raise SchemaMismatch(f"an outbox row the relay cannot decode: {exc}") from exc
-                topic = topics.get(agg_type) or self._topic(agg_type)
-                if not publisher.send_encoded(topic, agg_id, value, hdrs):
-                    publisher.send(_record(row, commit_time))  # too large: dead-lettered
+                seq = self._send_row(rel.pick(_tuple(msg, 6)), commit_time)
                 events += 1
-                if int(seq) > batch_seq:
-                    batch_seq = int(seq)
+                if seq > batch_seq:
+                    batch_seq = seq
             elif tag == 0x42:  # 'B'
                 in_txn = True
                 commit_time = (_BEGIN.unpack_from(msg, 1)[1] + PG_EPOCH_OFFSET_US) / 1e6
@@ -240,6 +225,26 @@ class LogicalRelay:
             self.acked_lsn = stream.server_wal_end
         self._confirm()
         return events
+
+    def _send_row(self, row: tuple[bytes | None, ...], commit_time: float) -> int:
+        """Encode one outbox row (the REQUIRED_COLUMNS, as bytes) and produce it; return its
+        seq (0 when the row has none)."""
+        seq, eid, agg_type, agg_id, etype, version, org, payload, headers, created = row
+        try:
+            event_id, event_type = eid.decode(), etype.decode()
+            value = encode_value(
+                id=event_id, type=event_type, aggregate_type=agg_type.decode(),
+                aggregate_id=agg_id.decode(),
+                aggregate_version=None if version is None else int(version),
+                org_id=None if org is None else org.decode(),
+                occurred_at=rfc3339(created.decode()), payload_json=payload)
+            hdrs = kafka_headers(event_id, event_type, headers)
+        except (AttributeError, ValueError) as exc:
+            raise SchemaMismatch(f"an outbox row the relay cannot decode: {exc}") from exc
+        topic = self._topics.get(agg_type) or self._topic(agg_type)
+        if not self._publisher.send_encoded(topic, agg_id, value, hdrs):
+            self._publisher.send(_record(row, commit_time))  # too large: dead-lettered
+        return 0 if seq is None else int(seq)
 
     def _topic(self, aggregate_type: bytes) -> str:
         topic = topic_name(self._settings.topic_prefix, aggregate_type.decode())
