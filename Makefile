@@ -42,10 +42,12 @@ $(PROMTOOL):
 		dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb
 	@test -x $@
 
-$(STAMP): pyproject.toml constraints.txt
+# The example projector is installed too: tests/test_example_projector.py runs it.
+$(STAMP): pyproject.toml constraints.txt examples/audit_log/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[stack,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e examples/audit_log
 	@touch $@
 
 up: bootstrap
@@ -57,10 +59,16 @@ down:
 status:
 	@infra/stack.sh status
 
+# The Node client the SQL-function tests run (tests/node), from its committed lock file.
+NODE_STAMP := tests/node/node_modules/.installed
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --silent
+	touch $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: up lint $(PROMTOOL)
+test: up lint $(PROMTOOL) $(NODE_STAMP)
 	set -a; . .outbox/env; set +a; PATH="$(CURDIR)/.outbox/tools/usr/bin:$$PATH" $(BIN)/pytest -q
 
 demo: up

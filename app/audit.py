@@ -43,7 +43,7 @@ from images.policy import NEEDS_OBJECT, OBJECT_GONE, TERMINAL, ImageState
 from images.store import AGGREGATE, ImageNotFound, load_image, resync, transition
 from images.tables import image_table
 from outbox.emit import emit
-from outbox.kafka import topic_name
+from outbox.wire_formats import event_topic
 from projectors.views.task_cache import TaskCache
 
 log = structlog.get_logger(__name__)
@@ -56,7 +56,7 @@ VIEW_KINDS = ("view_missing", "view_stale", "view_orphan", "cache_missing", "cac
 def log_floor(settings: AppSettings) -> tuple[int, dict[int, datetime]]:
     """The partition count of the image topic, and for each partition whose oldest events
     were deleted, the time of the oldest event it still holds."""
-    topic = topic_name(settings.topic_prefix, AGGREGATE)
+    topic = event_topic(settings, AGGREGATE)
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                          "group.id": f"{topic}.audit", "enable.auto.commit": False})
     floors: dict[int, datetime] = {}

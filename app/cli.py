@@ -117,18 +117,29 @@ def _print_audit(report: dict) -> None:
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
-    """Rebuild a view from the log behind the live one, then switch the readers to it."""
+    """Rebuild a projector's view from the log behind the live one, then switch the readers
+    to it (any installed projector whose spec declares a rebuild)."""
     import sys
     import time
 
     from rich.progress import Progress as Bar
 
-    from app.settings import get_app_settings
     from outbox.observability import configure_logging
+    from projectors.discovery import ProjectorConflict, ProjectorNotFound, load_spec, load_specs
     from projectors.rebuild import Progress, RebuildRefused
 
+    try:
+        spec = load_spec(args.view)
+        if spec.rebuild is None:
+            views = [n for n, s in load_specs().items() if s.rebuild is not None]
+            print(f"outbox rebuild: projector {args.view!r} has no rebuildable view; "
+                  f"rebuildable: {', '.join(views) or 'none'}", file=sys.stderr)
+            return 2
+    except (ProjectorNotFound, ProjectorConflict) as exc:
+        print(f"outbox rebuild: {exc}", file=sys.stderr)
+        return 2
     configure_logging("rebuild", "WARNING")
-    settings = get_app_settings()
+    settings = spec.settings()
     started = time.monotonic()
     with Bar(transient=True) as bar:
         task = bar.add_task(f"rebuild {args.view}", total=None)
@@ -138,7 +149,9 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
             bar.update(task, completed=p.applied, description=(
                 f"{args.view}: {p.phase}, {p.applied} events, {rate:.0f}/s, lag {p.lag}"))
 
-        rebuild = _rebuild_of(args.view, settings, show)
+        rebuild = spec.rebuild(settings, show)
+        if args.verify:
+            _verify_with_audit(rebuild)
         try:
             summary = rebuild.run(verify=args.verify, keep_old=args.keep_old)
         except RebuildRefused as exc:
@@ -151,19 +164,21 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rebuild_of(view: str, settings: Any, show: Any) -> Any:
-    """The rebuild of `view`; the search one verifies its copy with the audit."""
+def _verify_with_audit(rebuild: Any) -> None:
+    """The search view's copy is verified with the image audit before the switch."""
     import redis
     from elasticsearch import Elasticsearch
 
     from app.audit import Auditor
+    from app.settings import get_app_settings
     from images.storage import s3_client
     from outbox.db import make_engine
-    from projectors.rebuild import CacheRebuild, SearchRebuild
+    from projectors.rebuild import SearchRebuild
 
+    if not isinstance(rebuild, SearchRebuild):
+        return
+    settings = get_app_settings()
     client = redis.Redis.from_url(settings.redis_url)
-    if view == "cache":
-        return CacheRebuild(settings, client, on_progress=show)
     es = Elasticsearch(settings.es_url)
 
     def differences(index: str) -> list[str]:
@@ -171,7 +186,7 @@ def _rebuild_of(view: str, settings: Any, show: Any) -> Any:
                           es, client, s3_client(settings))
         return [f"{f.kind} {f.image_id}: {f.detail}" for f in auditor.view_findings()]
 
-    return SearchRebuild(settings, es, verify_copy=differences, on_progress=show)
+    rebuild.verify_copy = differences
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
@@ -314,7 +329,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("rebuild", help="rebuild a view from the log behind the live one, "
                                        "then switch to it (no downtime)")
-    p.add_argument("view", choices=["search", "cache"])
+    p.add_argument("view", metavar="NAME",
+                   help="a projector with a rebuildable view: search, cache, or an installed "
+                        "one whose spec declares a rebuild")
     p.add_argument("--verify", action="store_true",
                    help="search: audit the new index first; refuse to switch on drift")
     p.add_argument("--keep-old", action="store_true", help="keep the old index or keys")

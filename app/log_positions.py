@@ -17,15 +17,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from app.settings import AppSettings
 from images.store import AGGREGATE
-from outbox.kafka import topic_name
+from outbox.wire_formats import event_topic, is_event_topic, record_field
+from projectors.builtin_specs import BUILTIN
 from projectors.rebuild import committed
-from projectors.registry import PROJECTORS
 from projectors.runtime import live_group
 
 # Messages read per partition at most: a projector's backlog beyond it is "at least" this.
@@ -54,20 +53,11 @@ class Tail:
         return len(self.offsets) - first, self.timestamps_ms[first]
 
 
-def _org_of(value: bytes | None) -> str | None:
-    try:
-        envelope = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:
-        return None
-    org = envelope.get("org_id") if isinstance(envelope, dict) else None
-    return org if isinstance(org, str) else None
-
-
 def read_tails(settings: AppSettings, starts: dict[Partition, int], caps: dict[str, int],
                with_org: set[str], timeout_s: float = READ_TIMEOUT_S) -> dict[Partition, Tail]:
     """Read each partition from its start to its end (or `caps[topic]` messages, or the
     timeout), in one consumer that joins no group and commits nothing. For the topics in
-    `with_org`, each message's envelope is parsed for its `org_id`."""
+    `with_org`, each message's `org_id` is read (in any wire format)."""
     tails = {tp: Tail() for tp in starts}
     if not starts:
         return tails
@@ -94,7 +84,7 @@ def read_tails(settings: AppSettings, starts: dict[Partition, int], caps: dict[s
                 tail.offsets.append(msg.offset())
                 tail.timestamps_ms.append(msg.timestamp()[1])
                 if tp[0] in with_org:
-                    tail.orgs.append(_org_of(msg.value()))
+                    tail.orgs.append(record_field(msg.headers(), msg.value(), "org_id"))
                 if len(tail.offsets) >= caps[tp[0]]:
                     open_.discard(tp)
                     consumer.pause([TopicPartition(*tp)])
@@ -130,22 +120,22 @@ def _age_s(timestamp_ms: int | None) -> float | None:
 
 
 def projector_groups(settings: AppSettings) -> dict[str, str]:
-    """Each projector's consumer group (the runtime's default group id)."""
-    return {name: live_group(settings, name) for name in PROJECTORS}
+    """Each image projector's consumer group (the runtime's default group id)."""
+    return {spec.name: live_group(settings, spec.name) for spec in BUILTIN}
 
 
 def committed_totals(settings: AppSettings) -> dict[str, dict[Partition, int]]:
     """Each projector group's committed offsets on the image topic."""
-    topic = topic_name(settings.topic_prefix, AGGREGATE)
+    topic = event_topic(settings, AGGREGATE)
     return {group: committed(settings, group, [topic])
             for group in projector_groups(settings).values()}
 
 
 def dead_letter_topics(settings: AppSettings) -> list[str]:
-    """The `<prefix>.<aggregate>.dlq.<consumer>` topics the broker has."""
+    """The `<event topic>.dlq.<consumer>` topics the broker has."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
     return sorted(t for t in admin.list_topics(timeout=5).topics
-                  if t.startswith(f"{settings.topic_prefix}.") and ".dlq." in t)
+                  if ".dlq." in t and is_event_topic(settings, t))
 
 
 def group_backlogs(settings: AppSettings, positions: dict[str, dict[Partition, int]],
@@ -185,7 +175,7 @@ def log_positions(settings: AppSettings, meter: ThroughputMeter) -> dict[str, An
     """The projectors' positions (`committed`, `behind`, `behind_at_least`,
     `oldest_waiting_s`, `events_per_s`) and the dead-letter topics' letters (each with its
     org and whether a replay sent it back already)."""
-    image_topic = topic_name(settings.topic_prefix, AGGREGATE)
+    image_topic = event_topic(settings, AGGREGATE)
     positions = committed_totals(settings)
     dlqs = {t: committed(settings, f"{t}.replay", [t]) for t in dead_letter_topics(settings)}
     caps = {image_topic: PROJECTOR_READ_CAP, **{t: DLQ_READ_CAP for t in dlqs}}

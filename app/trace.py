@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from app.settings import AppSettings
 from images.store import AGGREGATE, ImageNotFound
 from images.tables import image_event_table, image_table
-from outbox.kafka import topic_name
+from outbox.wire_formats import event_topic, record_field
 from projectors.views.task_cache import TaskCache
 
 
@@ -61,7 +61,7 @@ class ImageTrace:
                 raise ImageNotFound(f"image {image_id} not found")
             events = conn.execute(select(image_event_table).where(h.image_id == image_id)
                                   .order_by(h.version, h.occurred_at)).mappings().all()
-        topic = topic_name(self._settings.topic_prefix, AGGREGATE)
+        topic = event_topic(self._settings, AGGREGATE)
         partition = self._partition(topic, str(image_id))
         offsets = self._offsets(topic, partition, {str(e["event_id"]) for e in events},
                                 scan_kafka) if scan_kafka and partition is not None else {}
@@ -108,7 +108,7 @@ class ImageTrace:
                 for msg in batch:
                     read += 1
                     if msg.error() is None:
-                        event_id = dict(msg.headers() or []).get("id", b"").decode()
+                        event_id = record_field(msg.headers(), msg.value(), "id")
                         if event_id in wanted:
                             found[event_id] = msg.offset()
         finally:

@@ -3,7 +3,9 @@ whole pipeline from upload to searchable, and the latency of each hop.
 
 - `outbox_overhead`: application transactions that update one row, with `emit` in the same
   transaction against the same transactions without it, from concurrent clients; rounds of
-  each in turn (the order alternating), the ratio taken pair by pair.
+  each in turn (the order alternating), the ratio taken pair by pair; in table mode (the
+  key's own figures) and in message mode (`message`, with a slot made for the run), and
+  `emit` through `outbox_emit` against its own INSERT (`function_vs_insert`).
 - `pipeline`: the API, the relay and the four projectors as separate processes, as deployed.
   A burst of generated images (half English, half Chinese, each with text of its own, so no
   result-cache hits) is uploaded through the HTTP API with presigned POSTs by 4 clients;
@@ -36,6 +38,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from typing import Any
 import requests
 from elasticsearch import Elasticsearch
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.engine import Engine
 
 from app.demo import Processes, Upload, stage_times, start_pipeline, submit
@@ -52,6 +55,8 @@ from bench.cli import bench_main
 from bench.workers import bodies
 from outbox.db import make_engine
 from outbox.emit import emit
+from outbox.pg_names import slot_name
+from outbox.tables import outbox_table
 from tests.auth import AUTH_A
 from tests.pipeline_harness import isolated_settings
 from tests.relay_harness import settings_env
@@ -76,9 +81,20 @@ def _spread(values: list[float], digits: int = 3) -> dict[str, Any]:
 
 # --- outbox_overhead -------------------------------------------------------------------
 
-def _transactions(engine: Engine, with_emit: bool, clients: int, seconds: float) -> float:
+def _insert_row(conn: Any, **event: Any) -> None:
+    """The event as `emit` wrote it before it called `outbox_emit`: its own INSERT."""
+    conn.execute(_INSERT, {"id": uuid.uuid4(), **event,
+                           "headers": {"traceparent": f"00-{os.urandom(16).hex()}-"
+                                                      f"{os.urandom(8).hex()}-01"}})
+
+
+_INSERT = insert(outbox_table)
+
+
+def _transactions(engine: Engine, emitter: Callable[..., Any] | None, clients: int,
+                  seconds: float) -> float:
     """Transactions per second of `clients` threads, each updating one random row per
-    transaction (and emitting its event when `with_emit`), for `seconds`."""
+    transaction (and emitting its event through `emitter`, when given), for `seconds`."""
     counts = [0] * clients
     deadline = time.monotonic() + seconds
 
@@ -90,10 +106,10 @@ def _transactions(engine: Engine, with_emit: bool, clients: int, seconds: float)
                 balance = conn.execute(
                     text("update bench_account set balance = balance + 1, updated_at = now()"
                          " where id = :id returning balance"), {"id": account}).scalar_one()
-                if with_emit:
-                    emit(conn, aggregate_type="account", aggregate_id=str(account),
-                         type="account.credited", aggregate_version=balance,
-                         payload={"id": account, "balance": balance}, org_id="org-bench")
+                if emitter is not None:
+                    emitter(conn, aggregate_type="account", aggregate_id=str(account),
+                            type="account.credited", aggregate_version=balance,
+                            payload={"id": account, "balance": balance}, org_id="org-bench")
             counts[n] += 1
 
     start = time.monotonic()
@@ -105,28 +121,54 @@ def _transactions(engine: Engine, with_emit: bool, clients: int, seconds: float)
     return sum(counts) / (time.monotonic() - start)
 
 
+# The cases of `outbox_overhead`: (emit mode stored in the database, how the event is written).
+_CASES: dict[str, tuple[str, Callable[..., Any] | None]] = {
+    "without": ("table", None), "table": ("table", emit), "message": ("message", emit),
+    "insert": ("table", _insert_row)}
+
+
+def _figures(base: list[float], other: list[float], key: str) -> dict[str, Any]:
+    ratios = [o / b for o, b in zip(other, base, strict=True)]
+    return {f"tx_per_s_{key}": _spread(other, 1)["median"], "ratio": _spread(ratios)["median"],
+            "ratio_spread": _spread(ratios)["spread"]}
+
+
 def outbox_overhead(rounds: int, seconds: float, clients: int = 4) -> dict[str, Any]:
-    """Transactions with `emit` against the same without it, pair by pair."""
+    """Transactions with `emit` against the same without it, pair by pair, in table mode and
+    in message mode (with a slot made for the run, and dropped after), and `emit` through
+    `outbox_emit` against its own INSERT. Returns the table mode's figures with
+    `message` and `function_vs_insert` inside."""
     with isolated_settings("bovh") as s:
         engine = make_engine(s, pool_size=clients)
+        slot = slot_name(s.db_schema)
         with engine.begin() as conn:
             conn.execute(text("create table bench_account (id int primary key, balance bigint"
                               " not null, updated_at timestamptz not null)"))
             conn.execute(text("insert into bench_account select g, 0, now()"
                               " from generate_series(0, :n - 1) g"), {"n": ACCOUNTS})
-        _transactions(engine, True, clients, min(seconds, 1.0))  # warm the pool and caches
-        plain, emitting, ratios = [], [], []
-        for r in range(rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            got = {w: _transactions(engine, w, clients, seconds) for w in order}
-            plain.append(got[False])
-            emitting.append(got[True])
-            ratios.append(got[True] / got[False])
-        engine.dispose()
+        with engine.begin() as conn:  # a slot is made in a transaction that wrote nothing
+            conn.execute(text("select pg_create_logical_replication_slot(:s, 'pgoutput')"),
+                         {"s": slot})
+        try:
+            _transactions(engine, emit, clients, min(seconds, 1.0))  # warm the pool, caches
+            runs: dict[str, list[float]] = {case: [] for case in _CASES}
+            for r in range(rounds):
+                order = list(_CASES) if r % 2 == 0 else list(reversed(_CASES))
+                for case in order:
+                    mode, emitter = _CASES[case]
+                    with engine.begin() as conn:
+                        conn.execute(text("update outbox_config set emit_mode = :m"), {"m": mode})
+                    runs[case].append(_transactions(engine, emitter, clients, seconds))
+        finally:
+            with engine.begin() as conn:
+                conn.execute(text("select pg_drop_replication_slot(:s)"), {"s": slot})
+            engine.dispose()
+    table = _figures(runs["without"], runs["table"], "with_emit")
     return {"clients": clients, "rounds": rounds, "seconds_per_run": seconds,
-            "tx_per_s_without": _spread(plain, 1)["median"],
-            "tx_per_s_with_emit": _spread(emitting, 1)["median"],
-            "ratio": _spread(ratios)["median"], "ratio_spread": _spread(ratios)["spread"]}
+            "tx_per_s_without": _spread(runs["without"], 1)["median"], **table,
+            "message": _figures(runs["without"], runs["message"], "with_emit"),
+            "function_vs_insert": _figures(runs["insert"], runs["table"], "function")
+            | {"tx_per_s_insert": _spread(runs["insert"], 1)["median"]}}
 
 
 # --- pipeline and hop_latency ----------------------------------------------------------

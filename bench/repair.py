@@ -58,10 +58,10 @@ from images.storage import object_key, s3_client
 from images.store import AGGREGATE, image_document
 from images.tables import image_table
 from outbox.db import libpq_dsn, make_engine
-from outbox.kafka import topic_name
 from outbox.migrate import migrate
 from outbox.observability import configure_logging
 from outbox.pg_names import publication_name, slot_name
+from outbox.wire_formats import event_topic, is_event_topic
 from projectors.rebuild import REPLAY_BATCH, SearchRebuild, committed
 from projectors.registry import build_runtime
 from projectors.views.search_index import VECTOR_DIMS, create_index, ensure_index, view_document
@@ -150,8 +150,7 @@ def _cleanup(s: AppSettings) -> list[str]:
 
     def kafka() -> None:
         admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
-        topics = [t for t in admin.list_topics(timeout=10).topics
-                  if t.startswith(f"{s.topic_prefix}.")]
+        topics = [t for t in admin.list_topics(timeout=10).topics if is_event_topic(s, t)]
         if topics:
             for future in admin.delete_topics(topics, operation_timeout=30).values():
                 future.result(60)
@@ -415,7 +414,7 @@ def _publish(s: AppSettings, events: int) -> dict[str, Any]:
 def _live_projection(s: AppSettings, events: int) -> dict[str, Any]:
     """The live search projector (alias, task-cache marks) over the whole log, then stopped:
     its group's committed offsets are the rebuild's target."""
-    topic = topic_name(s.topic_prefix, AGGREGATE)
+    topic = event_topic(s, AGGREGATE)
     runtime = build_runtime(s, "search")
     thread = threading.Thread(target=runtime.run, daemon=True, name="live-search")
     start = time.perf_counter()

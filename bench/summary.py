@@ -33,6 +33,7 @@ def headline(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     pipeline, workers = parts["pipeline"], parts["workers"]
     return {
         "outbox_overhead": pipeline["outbox_overhead"],
+        "outbox_overhead_message": pipeline["outbox_overhead"].get("message"),
         "pipeline": {k: pipeline["pipeline"][k] for k in ("burst", "steady", "concurrency")},
         "ocr": workers["ocr"],
         "embedding": workers["embedding"],

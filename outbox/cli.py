@@ -69,19 +69,21 @@ def _aggregate_type(value: str) -> str:
 
 
 def _create_topics(aggregate_types: list[str]) -> str | None:
-    """Create `<prefix>.<type>` for each aggregate type unless it exists, as the relay would
-    (configured partitions, replication and retention); the error text when that failed."""
+    """Create each aggregate type's event topic (`<prefix>.<type>`, or its debezium topic)
+    unless it exists, as the relay would (configured partitions, replication and retention);
+    the error text when that failed."""
     from confluent_kafka import KafkaException
 
-    from outbox.kafka import TopicManager, topic_name
+    from outbox.kafka import TopicManager
     from outbox.observability import configure_logging
+    from outbox.wire_formats import event_topic
 
     configure_logging("topics")  # JSON lines on stderr; the report goes to stdout
     s = get_settings()
     manager = TopicManager(s)
     try:
         for aggregate_type in aggregate_types:
-            manager.ensure(topic_name(s.topic_prefix, aggregate_type))
+            manager.ensure(event_topic(s, aggregate_type))
     except KafkaException as exc:
         return f"cannot create topics on {s.kafka_bootstrap}: {exc.args[0].str()}"
     return None

@@ -20,8 +20,6 @@ from typing import Any
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from outbox.kafka import topic_name
-
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "event-envelope.schema.json"
 
@@ -82,12 +80,8 @@ class OutboxRecord:
     occurred_at: str
     commit_time: float | None = None  # epoch seconds of the commit, when known
 
-    def topic(self, prefix: str) -> str:
-        """`<prefix>.<aggregate_type>`."""
-        return topic_name(prefix, self.aggregate_type)
-
     def value(self) -> bytes:
-        """The JSON envelope."""
+        """The JSON envelope (the `envelope` wire format; `outbox/wire_formats.py` has all)."""
         return encode_value(id=self.id, type=self.type, aggregate_type=self.aggregate_type,
                             aggregate_id=self.aggregate_id,
                             aggregate_version=self.aggregate_version, org_id=self.org_id,

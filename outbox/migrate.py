@@ -16,6 +16,7 @@ from alembic.config import Config
 from sqlalchemy import text
 
 from outbox.db import checked_schema, make_engine
+from outbox.pg_names import CONFIG_TABLE
 from outbox.settings import Settings
 
 
@@ -54,6 +55,25 @@ def migrate(settings: Settings, revision: str = "head", only: str | None = None)
         raise ValueError(f"no migration history named {only!r}")
     for history in selected:
         command.upgrade(_config(settings, history), revision)
+    # Only a mode given explicitly is stored: an upgrade run without OUTBOX_EMIT_MODE must
+    # not switch a message-mode deployment back to table mode.
+    if CORE in selected and "emit_mode" in settings.model_fields_set:
+        store_emit_mode(settings)
+
+
+def store_emit_mode(settings: Settings) -> None:
+    """Write OUTBOX_EMIT_MODE into the database, where `outbox_emit` reads it (a core below
+    revision 0002 has no mode to store)."""
+    schema = checked_schema(settings.db_schema)
+    engine = make_engine(settings)
+    try:
+        with engine.begin() as conn:
+            if conn.execute(text("select to_regclass(:t)"),
+                            {"t": f'"{schema}".{CONFIG_TABLE}'}).scalar() is not None:
+                conn.execute(text(f'update "{schema}".{CONFIG_TABLE} set emit_mode = :m'),
+                             {"m": settings.emit_mode})
+    finally:
+        engine.dispose()
 
 
 def run_migrations() -> None:

@@ -7,6 +7,9 @@ agree; several installations (one per schema) can share a database.
 from __future__ import annotations
 
 OUTBOX_TABLE = "outbox"
+# The one-row table of the settings the database must know itself (`emit_mode`, written by
+# `outbox migrate`), so `outbox_emit` needs nothing from its caller.
+CONFIG_TABLE = "outbox_config"
 
 
 def slot_name(schema: str) -> str:
@@ -28,3 +31,12 @@ def notify_channel(schema: str) -> str:
 def relay_lock_name(schema: str) -> str:
     """The advisory lock that elects the one active relay of an outbox schema."""
     return f"outbox-relay:{schema}"
+
+
+def message_prefix(schema: str) -> str:
+    """The prefix of the logical-decoding messages `outbox_emit` writes in message mode.
+
+    Logical messages are not filtered by publication: every slot of the database sees every
+    message, so the prefix names the schema and each relay keeps only its own."""
+    return f"outbox_emit:{schema}"
+

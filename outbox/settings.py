@@ -8,10 +8,13 @@ PostgreSQL in production. Packages built on the core extend `Settings` with thei
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import orjson
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+WireFormat = Literal["envelope", "debezium", "cloudevents-binary", "cloudevents-structured"]
 
 
 class Settings(BaseSettings):
@@ -32,14 +35,13 @@ class Settings(BaseSettings):
         default="table",
         description="table: `emit`/`outbox_emit` insert an outbox row; message: they write "
         "a transactional logical-decoding message (pg_logical_emit_message) and no row")
-    wire_format: Literal["envelope", "debezium", "cloudevents-binary",
-                         "cloudevents-structured"] = Field(
+    wire_format: WireFormat = Field(
         default="envelope", description="how events are written to Kafka (per deployment)")
-    wire_formats: dict[str, Literal["envelope", "debezium", "cloudevents-binary",
-                                    "cloudevents-structured"]] = Field(
+    # NoDecode: the validator reads the operator-friendly form as well as JSON.
+    wire_formats: Annotated[dict[str, WireFormat], NoDecode] = Field(
         default_factory=dict,
-        description="per aggregate type, overriding wire_format (JSON, e.g. "
-        '{"order": "debezium"})')
+        description="per aggregate type, overriding wire_format: JSON "
+        '(\'{"order": "debezium"}\') or `order=debezium,invoice=envelope`')
     debezium_topic_replacement: str = Field(
         default="outbox.event.${routedByValue}",
         description="topic of the debezium format, as the outbox event router's "
@@ -94,6 +96,23 @@ class Settings(BaseSettings):
         description="OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go to "
         "<url>/v1/traces). Unset, and without OTEL_EXPORTER_OTLP_ENDPOINT: no spans are "
         "recorded, at no cost")
+
+    @field_validator("wire_formats", mode="before")
+    @classmethod
+    def _per_aggregate_type(cls, value: Any) -> Any:
+        """JSON, or `type=format` pairs separated by commas."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            return orjson.loads(text)
+        pairs = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            aggregate_type, sep, fmt = item.partition("=")
+            if not sep or not aggregate_type.strip():
+                raise ValueError(f"{item!r} is not `aggregate_type=format`")
+            pairs[aggregate_type.strip()] = fmt.strip()
+        return pairs
 
 
 @lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from outbox.settings import Settings
+from outbox.wire_formats import is_event_topic
 
 UNKNOWN = "unknown"
 COMPLETE = "complete"
@@ -25,7 +26,8 @@ class KafkaUnreachable(Exception):
 
 
 def describe_topics(settings: Settings, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """Every topic named `<prefix>.*` (dead-letter topics included), sorted by name.
+    """Every event topic (`<prefix>.*`, and the debezium format's topics when an aggregate
+    type uses it; dead-letter topics included), sorted by name.
 
     Each entry: `name`, `partitions`, `replication_factor`, `min_insync_replicas`,
     `retention_ms`, `cleanup_policy` (the configs as strings as the broker reports them,
@@ -43,7 +45,7 @@ def describe_topics(settings: Settings, timeout_s: float = 5.0) -> list[dict[str
         raise KafkaUnreachable(
             f"Kafka at {settings.kafka_bootstrap} cannot be reached: {exc.args[0].str()}"
         ) from exc
-    names = sorted(t for t in metadata.topics if t.startswith(settings.topic_prefix + "."))
+    names = sorted(t for t in metadata.topics if is_event_topic(settings, t))
     configs = _describe_configs(admin, names, timeout_s)
     # Reading watermarks joins no group, but the client insists on a group id.
     consumer = Consumer({**client, "group.id": f"{settings.topic_prefix}.topics"})

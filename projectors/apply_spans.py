@@ -1,12 +1,12 @@
 """What a projector tells about each event it applies: a span, its trace id in the logs.
 
 The consumer runtime attaches an `EventTrace` to every event of a batch: the trace id of
-the `traceparent` in its Kafka headers (always: log lines carry it), and, while tracing is
-on, a CONSUMER span that is a child of that context and lasts until the batch is committed
-(or handed back, or the event dead-lettered). A projector that works event by event wraps
-each in `applying(event)`: its log lines then carry the event's `trace_id`, and the rows it
-writes through the outbox name the event's span as their parent, so a worker's result
-continues the trace of the request that started it.
+the `traceparent` of its Kafka record, in any wire format (always: log lines carry it), and,
+while tracing is on, a CONSUMER span that is a child of that context and lasts until the
+batch is committed (or handed back, or the event dead-lettered). A projector that works
+event by event wraps each in `applying(event)`: its log lines then carry the event's
+`trace_id`, and the rows it writes through the outbox name the event's span as their
+parent, so a worker's result continues the trace of the request that started it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from outbox import tracing
 from outbox.envelope import EventEnvelope
+from outbox.wire_formats import record_field
 
 log = structlog.get_logger(__name__)
 
@@ -39,12 +40,10 @@ class EventTrace:
             self.span.set_status(Status(StatusCode.ERROR, reason[:300]))
 
 
-def header(msg: Message, name: str) -> str | None:
-    """A Kafka header's value as text (the first of that name), or None."""
-    for key, value in msg.headers() or ():
-        if key == name and value is not None:
-            return value.decode("utf-8", "replace")
-    return None
+def traceparent(msg: Message) -> str | None:
+    """The record's `traceparent`, in any wire format (a header, `ce_traceparent`, or an
+    attribute of a structured CloudEvent)."""
+    return record_field(msg.headers(), msg.value(), "traceparent")
 
 
 def start_apply_spans(projector: str, group: str,
@@ -52,11 +51,11 @@ def start_apply_spans(projector: str, group: str,
     """Attach an `EventTrace` to each event of the batch (spans only while tracing is on)."""
     tracer = tracing.tracer()
     for msg, event in items:
-        traceparent = header(msg, "traceparent")
+        parent = traceparent(msg)
         span = None
         if tracer is not None:
             span = tracer.start_span(
-                f"{projector} apply", context=tracing.context_of(traceparent),
+                f"{projector} apply", context=tracing.context_of(parent),
                 kind=SpanKind.CONSUMER,
                 attributes={"messaging.system": "kafka", "messaging.operation.type": "process",
                             "messaging.destination.name": msg.topic() or "",
@@ -68,7 +67,7 @@ def start_apply_spans(projector: str, group: str,
                             "outbox.projector": projector, "outbox.event_type": event.type,
                             "outbox.aggregate_id": event.aggregate_id,
                             "outbox.aggregate_version": event.aggregate_version or 0})
-        event.attach_trace(EventTrace(tracing.trace_id_of(traceparent), span))
+        event.attach_trace(EventTrace(tracing.trace_id_of(parent), span))
 
 
 def note_retry(events: Sequence[EventEnvelope], error: str) -> None:

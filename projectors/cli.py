@@ -6,21 +6,31 @@ import argparse
 
 from outbox.cli import print_report, service_arguments
 
-NAMES = ("ocr", "embed", "search", "cache")
-
 
 def _cmd_project(args: argparse.Namespace) -> int:
-    """Run one projector until SIGTERM."""
+    """Run one installed projector until SIGTERM."""
+    import sys
+
+    from pydantic import ValidationError
+
     from outbox.observability import configure_logging
     from outbox.tracing import configure_tracing
-    from projectors.registry import METRICS_PORTS, serve_projector
-    from projectors.settings import ProjectorSettings
+    from projectors.discovery import ProjectorConflict, ProjectorNotFound, load_spec
+    from projectors.registry import serve_projector
 
+    try:
+        spec = load_spec(args.name)
+        settings = spec.settings()
+    except (ProjectorNotFound, ProjectorConflict) as exc:
+        print(f"outbox project: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"outbox project {args.name}: invalid settings: {exc}", file=sys.stderr)
+        return 2
     configure_logging(f"projector-{args.name}", args.log_level)
-    settings = ProjectorSettings()
     configure_tracing(f"outbox-projector-{args.name}", settings)
-    port = METRICS_PORTS[args.name] if args.metrics_port is None else args.metrics_port
-    return serve_projector(settings, args.name, args.metrics_host, port)
+    port = spec.metrics_port if args.metrics_port is None else args.metrics_port
+    return serve_projector(settings, spec, args.metrics_host, port)
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
@@ -65,11 +75,15 @@ def _print_letters(letters: list[dict]) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `project` to the `outbox` command line."""
-    p = sub.add_parser("project", help="run one projector (a consumer group of its own)")
-    p.add_argument("name", choices=NAMES,
-                   help="ocr/embed write results back through the outbox; search/cache are views")
-    service_arguments(p, metrics_port=None,
-                      default_help="ocr 9465, embed 9466, search 9467, cache 9468")
+    from projectors.discovery import projector_names
+
+    # The names come from the installed entry points' metadata: nothing is imported here.
+    p = sub.add_parser("project", help="run one installed projector (a consumer group of "
+                                       "its own)")
+    p.add_argument("name", metavar="NAME",
+                   help=f"an installed projector: {', '.join(projector_names()) or 'none'} "
+                        "(entry-point group outbox.projectors)")
+    service_arguments(p, metrics_port=None, default_help="the projector's own default port")
     p.set_defaults(func=_cmd_project)
 
     p = sub.add_parser("dlq", help="list dead letters with their reasons, or replay them to "

@@ -12,7 +12,6 @@ nothing. The relay's dead letters of rows too large for the broker carry no payl
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from outbox.kafka import producer_config
 from outbox.settings import Settings
+from outbox.wire_formats import record_field
 
 DLQ_HEADERS = {"reason", "projector", "source_topic", "source_partition", "source_offset",
                "payload_omitted"}
@@ -41,15 +41,11 @@ def _read(consumer: Consumer) -> Iterator[Message]:
 def describe(msg: Message) -> dict[str, Any]:
     """A dead letter as JSON-ready data."""
     headers = {k: v.decode(errors="replace") for k, v in (msg.headers() or [])}
-    try:
-        envelope = json.loads(msg.value() or b"")
-    except ValueError:
-        envelope = {}
-    if not isinstance(envelope, dict):
-        envelope = {}
     return {"partition": msg.partition(), "offset": msg.offset(), "key":
-            (msg.key() or b"").decode(errors="replace"), "event_id": headers.get("id"),
-            "type": headers.get("type") or envelope.get("type"),
+            (msg.key() or b"").decode(errors="replace"),
+            # The letter's event, in whichever wire format it was written.
+            "event_id": record_field(msg.headers(), msg.value(), "id"),
+            "type": record_field(msg.headers(), msg.value(), "type"),
             "reason": headers.get("reason"), "source_topic": headers.get("source_topic"),
             "source_offset": headers.get("source_offset"),
             "replayable": headers.get("payload_omitted") != "true"}

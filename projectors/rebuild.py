@@ -1,4 +1,4 @@
-"""`outbox rebuild search|cache`: build a view again from the log, without downtime.
+"""`outbox rebuild <name>`: build a view again from the log, without downtime.
 
 The new copy (a concrete index, or a new generation of task-cache keys) is filled by a
 consumer group of its own replaying the topics from the start, while the live one keeps
@@ -6,6 +6,8 @@ serving. When the rebuild has caught up with the live projector's committed posi
 readers are switched in one step (one `_aliases` call; one pointer key), the rebuild keeps
 consuming until it has also covered what the live projector committed around the switch,
 and the old copy is removed. No OCR or embedding runs again: their results are events.
+`Rebuild` is the shared procedure; a projector whose spec declares `rebuild` supplies a
+subclass (`SearchRebuild` and `CacheRebuild` are the built-in views').
 
 An interrupted rebuild (SIGTERM, SIGKILL) leaves its unfinished copy marked as such and its
 consumer group's offsets; running the command again resumes it. Readers never see an
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -26,9 +28,9 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from elasticsearch import Elasticsearch
 
-from outbox.kafka import topic_name
+from outbox.wire_formats import event_topic
 from projectors.runtime import ConsumerRuntime, Projector, live_group
-from projectors.settings import ProjectorSettings
+from projectors.settings import ProjectorSettings, RuntimeSettings
 from projectors.views.search import SearchProjector
 from projectors.views.search_index import (
     aliased_indices,
@@ -57,7 +59,7 @@ class RebuildRefused(RuntimeError):
     """The rebuilt copy failed verification: the readers were not switched."""
 
 
-def committed(settings: ProjectorSettings, group: str, topics: list[str]
+def committed(settings: RuntimeSettings, group: str, topics: list[str]
               ) -> dict[tuple[str, int], int]:
     """The committed offset of `group` on every partition of `topics` (0 where none)."""
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
@@ -74,7 +76,7 @@ def committed(settings: ProjectorSettings, group: str, topics: list[str]
         consumer.close()
 
 
-def live_members(settings: ProjectorSettings, group: str) -> int:
+def live_members(settings: RuntimeSettings, group: str) -> int:
     """How many consumers `group` has now (assumed some when the broker cannot say)."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     try:
@@ -85,14 +87,17 @@ def live_members(settings: ProjectorSettings, group: str) -> int:
 
 
 class Rebuild:
-    """The shared procedure; a view supplies its copy, its projector and its switch."""
+    """The shared procedure; a view supplies its copy, its projector and its switch.
+    `view` is the projector's name (its live consumer group is `live_group(view)`);
+    `aggregate_types` are the ones its projector reads."""
 
     view = ""
 
-    def __init__(self, settings: ProjectorSettings, on_progress: Callable[[Progress], None]
-                 = lambda _: None, poll_s: float = 0.5) -> None:
+    def __init__(self, settings: RuntimeSettings, aggregate_types: Sequence[str],
+                 on_progress: Callable[[Progress], None] = lambda _: None,
+                 poll_s: float = 0.5) -> None:
         self.settings = settings
-        self.topics = [topic_name(settings.topic_prefix, "image")]
+        self.topics = [event_topic(settings, t) for t in aggregate_types]
         self.live_group = live_group(settings, self.view)
         self.progress = Progress()
         self._on_progress = on_progress
@@ -182,10 +187,11 @@ class SearchRebuild(Rebuild):
 
     def __init__(self, settings: ProjectorSettings, es: Elasticsearch,
                  verify_copy: Callable[[str], list[str]] | None = None, **kwargs: object) -> None:
-        super().__init__(settings, **kwargs)  # type: ignore[arg-type]
+        super().__init__(settings, SearchProjector.aggregate_types,
+                         **kwargs)  # type: ignore[arg-type]
         self.es = es
         self.alias = settings.es_index
-        self._verify_copy = verify_copy
+        self.verify_copy = verify_copy  # the app's audit of a copy, for --verify
 
     def prepare(self) -> str:
         """Resume an unfinished index from an interrupted rebuild, or create one."""
@@ -208,10 +214,10 @@ class SearchRebuild(Rebuild):
                                index=copy)
 
     def verify(self, copy: str) -> list[str]:
-        if self._verify_copy is None:
+        if self.verify_copy is None:
             return []
         self.es.indices.refresh(index=copy)  # the audit's scan searches it
-        return self._verify_copy(copy)
+        return self.verify_copy(copy)
 
     def switch(self, copy: str) -> None:
         """Point the alias at the new index and away from the old, in one call."""
@@ -239,7 +245,8 @@ class CacheRebuild(Rebuild):
 
     def __init__(self, settings: ProjectorSettings, client: redis.Redis, **kwargs: object
                  ) -> None:
-        super().__init__(settings, **kwargs)  # type: ignore[arg-type]
+        super().__init__(settings, TaskCacheProjector.aggregate_types,
+                         **kwargs)  # type: ignore[arg-type]
         self.redis = client
         self.live = TaskCache(settings, client)
 

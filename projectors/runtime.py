@@ -7,22 +7,21 @@ never finds applied-but-uncommitted work; a revocation during a retry abandons t
 (it is redelivered to the new owner). A batch runs on an applier thread while this one keeps
 polling with the partitions paused, so a batch longer than `max.poll.interval.ms` (many OCR
 images) keeps the group membership. Errors, always with the partitions paused: an
-unreachable sink (see `transient_errors`) is retried until it is back or the process
-stops; any other error gets bounded retries, then each message is applied alone and the
-ones that still fail go to the DLQ. A batch that is neither applied nor dead-lettered is
-handed back: the consumer seeks to its first offsets, nothing after it is committed.
-Each event carries its trace id (and, while tracing is on, an apply span) from its Kafka
-headers: see `projectors/apply_spans.py`.
+unreachable sink (see `transient_errors`, plus the projector's own outages) is retried
+until it is back or the process stops; any other error gets bounded retries, then each
+message is applied alone and the ones that still fail go to the DLQ. A batch that is
+neither applied nor dead-lettered is handed back: the consumer seeks to its first
+offsets, nothing after it is committed. Each event carries its trace id (and, while
+tracing is on, an apply span) from its Kafka headers: see `projectors/apply_spans.py`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
-from typing import Protocol
 
 import structlog
 from confluent_kafka import (
@@ -33,13 +32,13 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from pydantic import ValidationError
 
 from outbox import tracing
 from outbox.envelope import EventEnvelope
-from outbox.kafka import TopicManager, consumer_config, dlq_topic, producer_config, topic_name
+from outbox.kafka import TopicManager, consumer_config, dlq_topic, producer_config
 from outbox.readiness import CachedProbes, Probe, kafka_probe, missing, ok, readiness_report
-from projectors.apply_spans import end_apply_spans, header, note_retry, start_apply_spans
+from outbox.wire_formats import decode_record, event_topic
+from projectors.apply_spans import end_apply_spans, note_retry, start_apply_spans, traceparent
 from projectors.metrics import (
     APPLIED,
     BATCH_SECONDS,
@@ -48,8 +47,9 @@ from projectors.metrics import (
     PICKUP_SECONDS,
     RETRIES,
 )
-from projectors.settings import ProjectorSettings
-from projectors.transient_errors import is_transient
+from projectors.settings import RuntimeSettings
+from projectors.spec import Projector
+from projectors.transient_errors import TransientCheck, is_transient
 
 log = structlog.get_logger(__name__)
 # A batch that takes longer than this starts the keep-alive polling (fast batches never
@@ -62,45 +62,36 @@ class BatchInterrupted(Exception):
     durable and idempotent, the rest is handed back uncommitted."""
 
 
-def live_group(settings: ProjectorSettings, name: str) -> str:
+__all__ = ["BatchInterrupted", "ConsumerRuntime", "Projector", "live_group"]
+
+
+def live_group(settings: RuntimeSettings, name: str) -> str:
     """The consumer group of the live projector `name`."""
     return f"{settings.topic_prefix}.{name}"
-
-
-class Projector(Protocol):
-    """What a projector provides to the runtime."""
-
-    name: str
-    aggregate_types: Sequence[str]
-
-    def apply(self, events: list[EventEnvelope]) -> None:
-        """Apply a batch (idempotently: events may be redelivered). Raise to retry."""
-        ...
-
-    def close(self) -> None:
-        """Release clients."""
-        ...
 
 
 class ConsumerRuntime:
     """Runs one projector in a consumer group until `stop` is set."""
 
-    def __init__(self, settings: ProjectorSettings, projector: Projector, *,
+    def __init__(self, settings: RuntimeSettings, projector: Projector, *,
                  group_id: str | None = None, stop: threading.Event | None = None,
                  abandon: threading.Event | None = None, track_end: bool = False,
-                 sink_probes: Mapping[str, Probe] | None = None) -> None:
+                 sink_probes: Mapping[str, Probe] | None = None,
+                 transient: TransientCheck = is_transient) -> None:
         """`abandon`: set while the batch in hand was revoked (a projector that can stop
         between items checks it, as it checks `stop`). `track_end`: note in `at_end` the
         partitions read to their end (a replay uses it to know it has read the whole log).
         `sink_probes`: by name, a cheap call to each store the projector writes, for
-        `/readyz`."""
+        `/readyz`. `transient`: which errors are outages to wait out (the generic ones by
+        default; see `transient_errors.transient_check`)."""
         self.settings = settings
+        self._is_transient = transient
         self.projector = projector
         self.stop = stop or threading.Event()
         self.abandon = abandon or threading.Event()
         self._applier = ThreadPoolExecutor(1, thread_name_prefix=f"apply-{projector.name}")
         self.group_id = group_id or live_group(settings, projector.name)
-        self.topics = [topic_name(settings.topic_prefix, t) for t in projector.aggregate_types]
+        self.topics = [event_topic(settings, t) for t in projector.aggregate_types]
         self.last_applied_at: float | None = None
         self.applied = 0  # events applied and committed by this runtime
         self.sink_unavailable_since: float | None = None
@@ -216,8 +207,8 @@ class ConsumerRuntime:
                 continue
             self.at_end.discard((msg.topic(), msg.partition()))
             try:
-                items.append((msg, EventEnvelope.from_json(msg.value() or b"")))
-            except (ValidationError, ValueError) as exc:
+                items.append((msg, decode_record(msg.key(), msg.value(), msg.headers())))
+            except ValueError as exc:  # UndecodableRecord, with the reason
                 self._dead_letter(msg, f"undecodable: {exc}".replace("\n", " ")[:500])
         start_apply_spans(self.projector.name, self.group_id, items)
         applied = False
@@ -283,7 +274,7 @@ class ConsumerRuntime:
             except BatchInterrupted:
                 return False
             except Exception as exc:  # the sink decides what is retriable by raising
-                transient = is_transient(exc)
+                transient = self._is_transient(exc)
                 if transient:
                     self.sink_unavailable_since = self.sink_unavailable_since or time.time()
                 else:
@@ -307,7 +298,7 @@ class ConsumerRuntime:
             except BatchInterrupted:
                 return False
             except Exception as exc:
-                if is_transient(exc):  # the sink went away: not this message's fault
+                if self._is_transient(exc):  # the sink went away: not this message's fault
                     return False
                 reason = f"apply failed: {exc}".replace("\n", " ")[:500]
                 env.trace.failed(reason)
@@ -374,7 +365,7 @@ class ConsumerRuntime:
                               on_delivery=self._on_dead_letter_delivery)
         DEAD_LETTERS.labels(self.projector.name).inc()
         log.warning("dead_lettered", topic=topic, offset=msg.offset(), reason=reason[:200],
-                    trace_id=tracing.trace_id_of(header(msg, "traceparent")))
+                    trace_id=tracing.trace_id_of(traceparent(msg)))
 
     def _on_dead_letter_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:

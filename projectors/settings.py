@@ -1,4 +1,5 @@
-"""Settings of the projectors: the consumer runtime, the views and the workers."""
+"""Settings of the projectors: the consumer runtime's own, and the built-in views' and
+workers' on top of the image settings."""
 
 from __future__ import annotations
 
@@ -7,15 +8,12 @@ import os
 from pydantic import Field
 
 from images.settings import ImageSettings
+from outbox.settings import Settings
 
 
-class ProjectorSettings(ImageSettings):
-    """The image settings plus the views' stores and the workers' engines."""
-
-    es_url: str = "http://127.0.0.1:19200"
-    es_index: str = "outbox-images"
-    redis_url: str = "redis://127.0.0.1:16379/0"
-    redis_prefix: str = "outbox"
+class RuntimeSettings(Settings):
+    """The core settings plus the consumer runtime's: what any projector runs with. A
+    projector's own settings class extends this one."""
 
     projector_batch_size: int = Field(default=100, ge=1)
     projector_session_timeout_ms: int = 10000
@@ -25,6 +23,17 @@ class ProjectorSettings(ImageSettings):
     projector_fetch_wait_max_ms: int = Field(
         default=500, ge=1, le=60000,
         description="longest a fetch waits at the broker for new messages")
+
+
+class ProjectorSettings(RuntimeSettings, ImageSettings):
+    """The runtime and image settings plus the built-in views' stores and the workers'
+    engines."""
+
+    es_url: str = "http://127.0.0.1:19200"
+    es_index: str = "outbox-images"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    redis_prefix: str = "outbox"
+
     task_ttl_s: int = Field(default=86400, description="finished task entries expire after")
     ocr_languages: str = "eng+chi_sim"
     ocr_concurrency: int = Field(

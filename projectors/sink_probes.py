@@ -1,5 +1,5 @@
-"""Readiness probes of the stores the projectors (and the API) write or read: the search
-server, Redis, the bucket and PostgreSQL. Each is a cheap call on a client of its own with
+"""Readiness probes of the stores the built-in projectors (and the API) write or read: the
+search server, Redis, the bucket and PostgreSQL. Each is a cheap call on a client of its own with
 short timeouts and no retries (see `outbox/readiness.py`)."""
 
 from __future__ import annotations
@@ -12,14 +12,6 @@ from images.storage import s3_client
 from outbox.db import libpq_dsn
 from outbox.readiness import PROBE_TIMEOUT_S, Probe, postgres_probe
 from projectors.settings import ProjectorSettings
-
-# The stores each projector needs, by probe name.
-SINKS: dict[str, tuple[str, ...]] = {
-    "ocr": ("database", "s3"),
-    "embed": ("database",),
-    "search": ("search", "redis"),
-    "cache": ("redis",),
-}
 
 
 def search_probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:

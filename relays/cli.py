@@ -18,9 +18,30 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     from outbox.tracing import configure_tracing
     from relays.runner import serve_relay
 
+    if args.mode == "poll" and (refusal := _poll_refusal()):
+        print(f"outbox relay --mode poll: {refusal}", file=sys.stderr)
+        return 2
     configure_logging(f"relay-{args.mode}", args.log_level)
     configure_tracing("outbox-relay", get_settings())
     return serve_relay(get_settings(), args.mode, args.metrics_host, args.metrics_port)
+
+
+def _poll_refusal() -> str | None:
+    """Why the polling relay cannot serve this database (None: it can): it reads outbox
+    rows, and message mode writes none."""
+    from outbox.db import libpq_dsn
+    from outbox.emit_mode import NO_ROWS_NOTE, stored_emit_mode
+    from outbox.settings import get_settings
+
+    try:
+        with psycopg.connect(libpq_dsn(get_settings())) as conn:
+            mode = stored_emit_mode(conn)
+    except psycopg.OperationalError:
+        return None  # the relay itself waits for the database and says so
+    if mode != "message":
+        return None
+    return f"{NO_ROWS_NOTE}; the polling relay reads rows, so it has nothing to publish: " \
+           "run the logical relay (`outbox relay`, the default mode)"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

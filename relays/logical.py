@@ -25,11 +25,15 @@ from operator import itemgetter
 
 import structlog
 
+from outbox.emit_mode import stored_emit_mode
 from outbox.envelope import OutboxRecord, encode_value, kafka_headers, rfc3339
-from outbox.kafka import topic_name
+from outbox.message_content import BadMessageContent
+from outbox.pg_names import message_prefix
 from outbox.settings import Settings
+from outbox.wire_formats import Encode
+from relays.logical_messages import NotTransactional, message_row
 from relays.publisher import BatchPublisher
-from relays.replication import PG_EPOCH_OFFSET_US, ReplicationConnection
+from relays.replication import PG_EPOCH_OFFSET_US, ReplicationConnection, int_to_lsn
 from relays.slot import SlotKeeper
 
 log = structlog.get_logger(__name__)
@@ -132,11 +136,12 @@ class LogicalRelay:
         self._dsn = dsn
         self._publisher = publisher
         self._schema = settings.db_schema
+        self._prefix = message_prefix(self._schema).encode()
         self.keeper = SlotKeeper(settings, dsn)
         self._stream: ReplicationConnection | None = None
         self._fingerprint = ""
         self._relations: dict[int, _Relation] = {}
-        self._topics: dict[bytes, str] = {}
+        self._topics: dict[bytes, tuple[str, Encode | None]] = {}
         self.acked_lsn = 0  # every event before it is in Kafka
         self.acked_seq = 0
         self._acked_commit_at: float | None = None
@@ -156,6 +161,7 @@ class LogicalRelay:
             self.acked_lsn = self._confirmed = record.acked_lsn
             self.acked_seq = record.acked_seq
         else:
+            self._say_messages_lost(reason)
             stream, start = self.keeper.recreate(reason, self._fingerprint, self._publisher)
             self.acked_lsn = self._confirmed = start
         try:
@@ -212,6 +218,11 @@ class LogicalRelay:
             elif tag == 0x52:  # 'R'
                 rel_id, relation = _relation(msg, schema)
                 relations[rel_id] = relation
+            elif tag == 0x4D:  # 'M': an event emitted in message mode
+                row = self._message_row(msg)
+                if row is not None:
+                    self._send_row(row, commit_time)
+                    events += 1
         if batch_end is not None:
             publisher.settle()
             now = time.time()
@@ -226,31 +237,66 @@ class LogicalRelay:
         self._confirm()
         return events
 
+    def _message_row(self, msg: bytes) -> tuple[bytes | None, ...] | None:
+        """The outbox row of a pgoutput Message of this schema's prefix; None to skip it."""
+        try:
+            return message_row(msg, self._prefix)
+        except NotTransactional as exc:
+            # Not written by `outbox_emit` (which writes transactional messages only): it has
+            # no commit to order it by, so publishing it could break per-aggregate order.
+            log.error("message_not_transactional", lsn=int_to_lsn(exc.lsn),
+                      prefix=self._prefix.decode(), action="skipped")
+            return None
+        except BadMessageContent as exc:
+            raise SchemaMismatch(f"a message the relay cannot decode: {exc}") from exc
+
+    def _say_messages_lost(self, reason: str) -> None:
+        """In message mode, a slot made again cannot backfill: events emitted since the last
+        acknowledged commit, until the new slot exists, exist nowhere any more. Say so."""
+        mode = stored_emit_mode(self.keeper.conn)
+        record = self.keeper.record()
+        if mode != "message" or record is None:
+            return  # table mode backfills; no record: no relay ever read this outbox
+        log.error("message_events_lost", slot=self.keeper.slot, reason=reason,
+                  lost_since=None if record.acked_commit_at is None
+                  else record.acked_commit_at.isoformat(), lost_until="the new slot's creation",
+                  action="events emitted as messages in this window are not in Kafka: "
+                         "re-emit them from the application's own state")
+
     def _send_row(self, row: tuple[bytes | None, ...], commit_time: float) -> int:
-        """Encode one outbox row (the REQUIRED_COLUMNS, as bytes) and produce it; return its
-        seq (0 when the row has none)."""
+        """Encode one outbox row (the REQUIRED_COLUMNS, as bytes) in its aggregate type's
+        wire format and produce it; return its seq (0 when the row has none)."""
         seq, eid, agg_type, agg_id, etype, version, org, payload, headers, created = row
         try:
+            topic, encode = self._topics.get(agg_type) or self._topic(agg_type)
             event_id, event_type = eid.decode(), etype.decode()
-            value = encode_value(
-                id=event_id, type=event_type, aggregate_type=agg_type.decode(),
-                aggregate_id=agg_id.decode(),
-                aggregate_version=None if version is None else int(version),
-                org_id=None if org is None else org.decode(),
-                occurred_at=rfc3339(created.decode()), payload_json=payload)
-            hdrs = kafka_headers(event_id, event_type, headers)
+            if encode is None:  # the envelope, inline: the common case of the hot loop
+                value = encode_value(
+                    id=event_id, type=event_type, aggregate_type=agg_type.decode(),
+                    aggregate_id=agg_id.decode(),
+                    aggregate_version=None if version is None else int(version),
+                    org_id=None if org is None else org.decode(),
+                    occurred_at=rfc3339(created.decode()), payload_json=payload)
+                hdrs = kafka_headers(event_id, event_type, headers)
+            else:
+                value, hdrs = encode(
+                    event_id, event_type, agg_type.decode(), agg_id.decode(),
+                    None if version is None else int(version),
+                    None if org is None else org.decode(), rfc3339(created.decode()),
+                    payload, headers)
         except (AttributeError, ValueError) as exc:
             raise SchemaMismatch(f"an outbox row the relay cannot decode: {exc}") from exc
-        topic = self._topics.get(agg_type) or self._topic(agg_type)
         if not self._publisher.send_encoded(topic, agg_id, value, hdrs):
             self._publisher.send(_record(row, commit_time))  # too large: dead-lettered
         return 0 if seq is None else int(seq)
 
-    def _topic(self, aggregate_type: bytes) -> str:
-        topic = topic_name(self._settings.topic_prefix, aggregate_type.decode())
-        self._publisher.ensure_topic(topic)
-        self._topics[aggregate_type] = topic
-        return topic
+    def _topic(self, aggregate_type: bytes) -> tuple[str, Encode | None]:
+        """The topic (ensured) of an aggregate type and its encoder, None for the envelope
+        (encoded inline); cached."""
+        found = self._publisher.route(aggregate_type.decode())
+        entry = (found.topic, None if found.format == "envelope" else found.encode)
+        self._topics[aggregate_type] = entry
+        return entry
 
     def _confirm(self) -> None:
         """Tell the server the acknowledged position (recorded first), checking that the

@@ -40,8 +40,10 @@ class PublishTrail:
         pending, self._pending = self._pending, []
         end = time.time_ns()
         for start, topic, key, headers in pending:
-            fields = {name: value.decode("utf-8", "replace") for name, value in headers
-                      if name in ("id", "type", "traceparent")}
+            # `ce_*`: the same fields in the cloudevents-binary wire format.
+            fields = {name.removeprefix("ce_"): value.decode("utf-8", "replace")
+                      for name, value in headers
+                      if name.removeprefix("ce_") in ("id", "type", "traceparent")}
             traceparent = fields.get("traceparent")
             if self._tracer is not None:
                 self._span(start, end, topic, fields, error)

@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from outbox.envelope import OutboxRecord
 from outbox.kafka import TopicManager, dlq_topic, producer_config
 from outbox.settings import Settings
+from outbox.wire_formats import Route, encode_record, record_field, route
 from relays.metrics import PUBLISH_LATENCY
 from relays.publish_spans import publish_trail
 
@@ -53,7 +54,8 @@ class BatchPublisher:
         on_dead_letter: Callable[[], None] = lambda: None,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
     ) -> None:
-        self._prefix = settings.topic_prefix
+        self._settings = settings
+        self._routes: dict[str, Route] = {}
         self.observe_latency = observe_latency
         self._producer = producer_factory(producer_config(
             settings,
@@ -89,20 +91,31 @@ class BatchPublisher:
         else:  # connection trouble: librdkafka retries on its own
             log.warning("producer_error", error=str(err))
 
+    def route(self, aggregate_type: str) -> Route:
+        """The topic (ensured) and wire format of `aggregate_type`'s events."""
+        found = self._routes.get(aggregate_type)
+        if found is None:
+            found = self._routes[aggregate_type] = route(self._settings, aggregate_type)
+            self._topics.ensure(found.topic)
+        return found
+
     def send(self, rec: OutboxRecord) -> None:
-        """Produce one record (key = aggregate id) without waiting for it."""
-        topic = rec.topic(self._prefix)
-        self._topics.ensure(topic)
-        key, headers = rec.aggregate_id.encode(), rec.kafka_headers()
+        """Produce one record (key = aggregate id, in its aggregate type's wire format)
+        without waiting for it."""
+        rec_route = self.route(rec.aggregate_type)
+        topic = rec_route.topic
+        value, headers = encode_record(rec_route, rec)
+        key = rec.aggregate_id.encode()
         try:
-            self._produce(topic, key, rec.value(), headers)
+            self._produce(topic, key, value, headers)
             if self._trail is not None:
                 self._trail.note(topic, key, headers)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
             # It can never be sent: park it where it is visible, and go on.
-            self._dead_letter(topic, key, rec.without_payload().value(), headers,
+            self._dead_letter(topic, key, encode_record(rec_route, rec.without_payload())[0],
+                              headers,
                               f"too large for the broker: {exc.args[0].str()}",
                               payload_omitted=True)
         self._sent += 1
@@ -110,13 +123,9 @@ class BatchPublisher:
             self._producer.poll(0)
             self.progress_at = time.monotonic()
 
-    def ensure_topic(self, topic: str) -> None:
-        """Create the topic unless it exists."""
-        self._topics.ensure(topic)
-
     def send_encoded(self, topic: str, key: bytes, value: bytes, headers: list[Any]) -> bool:
-        """Produce an already encoded record (the streaming relay's path; `topic` must have
-        been ensured). False when it is too large for the producer: the caller then hands
+        """Produce an already encoded record (the streaming relay's path; `topic` must be
+        a `route`'s). False when it is too large for the producer: the caller then hands
         it to `send`, which dead-letters it."""
         try:
             self._produce(topic, key, value, headers)
@@ -187,8 +196,7 @@ class BatchPublisher:
         self._produce(dead, key, value, own + [h for h in headers if h[0] not in
                                                {"reason", "source_topic"}])
         self._on_dead_letter()
-        ids = [v for k, v in headers if k == "id"]
-        log.error("row_dead_lettered", topic=dead, id=ids[0].decode() if ids else None,
+        log.error("row_dead_lettered", topic=dead, id=record_field(headers, value, "id"),
                   reason=reason)
 
     def _raise_if_fatal(self) -> None:

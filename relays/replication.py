@@ -80,7 +80,7 @@ class ReplicationConnection:
         """Start streaming the slot's changes from `start_lsn` (0: from where the slot is)."""
         self._conn.execute(
             f'START_REPLICATION SLOT "{slot}" LOGICAL {int_to_lsn(start_lsn)} '
-            f"(proto_version '1', publication_names '\"{publication}\"')")
+            f"(proto_version '1', publication_names '\"{publication}\"', messages 'true')")
         if self._pg.status != pq.ConnStatus.OK:
             raise ReplicationError("the server refused START_REPLICATION")
 

@@ -27,6 +27,7 @@ import structlog
 from confluent_kafka import KafkaException
 
 from outbox.db import libpq_dsn
+from outbox.emit_mode import stored_emit_mode
 from outbox.observability import serve_until_stopped
 from outbox.pg_names import relay_lock_name, slot_name
 from outbox.readiness import (
@@ -267,9 +268,11 @@ class RelayProcess:
 
     def _janitor(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            deleted = purge_outbox(conn, self.mode, self.settings.outbox_retention_s,
-                                   slot=slot_name(self.settings.db_schema),
-                                   margin_s=self.settings.relay_backfill_margin_s)
+            # Message mode writes no outbox row: nothing to purge, and no scan for it.
+            deleted = 0 if stored_emit_mode(conn) == "message" else purge_outbox(
+                conn, self.mode, self.settings.outbox_retention_s,
+                slot=slot_name(self.settings.db_schema),
+                margin_s=self.settings.relay_backfill_margin_s)
             tracked = purge_processed_events(conn, self.settings.processed_event_retention_s)
         if deleted or tracked:
             log.info("outbox_purged", rows=deleted, tracking_records=tracked)

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from outbox.envelope import EventEnvelope
 from outbox.kafka import dlq_topic
 from projectors.runtime import ConsumerRuntime
+from projectors.store_errors import is_outage
 from relays.publisher import TopicManager
 from tests.own_redis import OwnRedis
 from tests.pipeline_harness import committed_offsets, wait_for
@@ -63,7 +64,8 @@ def _run(settings, projector, produce: list[str]):
     for agg in produce:
         p.produce(topic, key=agg.encode(), value=_event(agg))
     assert p.flush(10) == 0
-    rt = ConsumerRuntime(settings, projector)
+    # Redis's errors are outages as the projectors writing to it declare them.
+    rt = ConsumerRuntime(settings, projector, transient=is_outage)
     t = threading.Thread(target=rt.run, daemon=True)
     t.start()
     return rt, t, topic
@@ -136,7 +138,7 @@ def test_stop_during_an_outage_hands_the_batch_back(runtime_settings, own_redis)
     assert committed_offsets(runtime_settings, rt.group_id, topic) == 0
     own_redis.start()
     again = RedisSinkProjector(own_redis.port)
-    rt2 = ConsumerRuntime(runtime_settings, again)
+    rt2 = ConsumerRuntime(runtime_settings, again, transient=is_outage)
     t2 = threading.Thread(target=rt2.run, daemon=True)
     t2.start()
     client = redis.Redis(port=own_redis.port)

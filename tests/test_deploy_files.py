@@ -32,8 +32,7 @@ from images.store import AGGREGATE
 from outbox.cli import build_parser
 from outbox.kafka import topic_name
 from outbox.settings import Settings
-from projectors.cli import NAMES as PROJECTORS
-from projectors.registry import METRICS_PORTS
+from projectors.builtin_specs import BUILTIN
 from tests.project_modules import PACKAGES, import_project_modules
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +49,7 @@ K8S_VERSIONS = ("1.31.0", "1.37.0")
 IMAGE = "outbox-sidecar"
 # Every process the deployments must run, as (command, projector name or None).
 PROCESSES = {("api", None), ("relay", None), ("reconcile", None),
-             *(("project", name) for name in PROJECTORS)}
+             *(("project", spec.name) for spec in BUILTIN)}
 JOBS = {("migrate", None), ("topics", None)}
 
 
@@ -177,7 +176,7 @@ def _listens(args: argparse.Namespace) -> tuple[str, int]:
         return args.host, args.port
     port = args.metrics_port
     if port is None:
-        port = METRICS_PORTS[args.name]
+        port = {spec.name: spec.metrics_port for spec in BUILTIN}[args.name]
     return args.metrics_host, port
 
 

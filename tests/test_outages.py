@@ -24,7 +24,7 @@ from images.storage import s3_client
 from outbox.envelope import EventEnvelope
 from outbox.kafka import dlq_topic, topic_name
 from projectors.registry import build_runtime
-from projectors.transient_errors import is_transient
+from projectors.store_errors import is_outage
 from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import latest_event
@@ -59,7 +59,7 @@ def test_a_bucket_outage_costs_no_ocr_attempt(api, api_settings, engine):
     for _ in range(api_settings.max_attempts + 1):
         with pytest.raises(Exception) as raised:
             worker.apply([latest_event(engine, image_id)])
-        assert is_transient(raised.value)  # the runtime waits it out, partitions paused
+        assert is_outage(raised.value)  # the runtime waits it out, partitions paused
     assert _state(engine, image_id) == ("ocr_pending", 0)
     OcrWorker(api_settings, engine, s3_client(api_settings)).apply(
         [latest_event(engine, image_id)])

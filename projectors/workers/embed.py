@@ -3,7 +3,7 @@
 Texts of a batch are embedded in one model call; results are cached by text checksum and
 model version, so a replay or an identical image never runs the model again. A text the
 model fails on (alone, not just within the batch) ends its image in `embedding_failed` with
-the error; an outage (see `transient_errors`) is raised for the runtime to wait out."""
+the error; an outage (see `store_errors`) is raised for the runtime to wait out."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from images.store import lock_at_version, transition
 from outbox.envelope import EventEnvelope
 from outbox.tracking import claim_event
 from projectors.apply_spans import applying
-from projectors.transient_errors import is_transient
+from projectors.store_errors import is_outage
 from projectors.workers.embedder import Embedder
 from projectors.workers.result_cache import cached_results, store_results
 
@@ -88,7 +88,7 @@ class EmbeddingWorker:
         try:
             return list(zip(texts, self._embedder.passages(texts), strict=True)), {}
         except Exception as exc:
-            if is_transient(exc):
+            if is_outage(exc):
                 raise
             log.warning("embedding_batch_failed", texts=len(texts), error=str(exc)[:200])
         done: list[tuple[str, Any]] = []
@@ -97,7 +97,7 @@ class EmbeddingWorker:
             try:
                 done.append((text, self._embedder.passages([text])[0]))
             except Exception as exc:
-                if is_transient(exc):
+                if is_outage(exc):
                     raise
                 errors[text] = f"{type(exc).__name__}: {exc}"
         return done, errors
