@@ -5,6 +5,7 @@ can tell."""
 from __future__ import annotations
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from outbox.pg_names import CONFIG_TABLE
 
@@ -16,8 +17,9 @@ NO_ROWS_NOTE = ("this outbox emits in message mode (OUTBOX_EMIT_MODE=message): e
 def stored_emit_mode(conn: psycopg.Connection) -> str:
     """"table" or "message", for the schema on the connection's search_path ("table" for a
     schema migrated before the mode was stored)."""
-    row = conn.execute("select to_regclass(%s) is not null", (CONFIG_TABLE,)).fetchone()
+    cur = conn.cursor(row_factory=tuple_row)  # whatever row factory the connection has
+    row = cur.execute("select to_regclass(%s) is not null", (CONFIG_TABLE,)).fetchone()
     if not row or not row[0]:
         return "table"
-    found = conn.execute(f"select emit_mode from {CONFIG_TABLE}").fetchone()
+    found = cur.execute(f"select emit_mode from {CONFIG_TABLE}").fetchone()
     return "table" if found is None else found[0]

@@ -9,6 +9,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from outbox.db import libpq_dsn
+from outbox.emit_mode import NO_ROWS_NOTE, stored_emit_mode
 from outbox.pg_names import publication_name, relay_lock_name, slot_name
 from outbox.settings import Settings
 from relays.election import LeaderLock
@@ -54,6 +55,7 @@ def relay_status(settings: Settings) -> dict[str, Any]:
             " from outbox where published_at is null and seq > coalesce("
             "(select acked_seq from relay_slot where slot_name = %(slot)s), 0)",
             params).fetchone()
+        mode = stored_emit_mode(conn)
     if record:
         record = {**record, "consistent_lsn": int_to_lsn(record["consistent_lsn"]),
                   "acked_lsn": int_to_lsn(record["acked_lsn"])}
@@ -70,7 +72,10 @@ def relay_status(settings: Settings) -> dict[str, Any]:
     return {"schema": schema, "slot": slot, "publication": {
         "name": params["pub"], "exists": publication is not None, "tables": tables,
         "covers_outbox": covered}, "leader": leader, "acknowledged": record,
-        "unpublished_estimate": waiting, "problems": problems}
+        "emit_mode": mode,
+        # Message mode writes no rows: what waits is in the WAL only (see the slot's lag).
+        "unpublished_estimate": waiting, "estimate_note": NO_ROWS_NOTE if mode == "message"
+        else None, "problems": problems}
 
 
 def drop_relay(settings: Settings) -> dict[str, Any]:

@@ -84,8 +84,9 @@ def _print_status(status: dict) -> None:
          f"pid {leader['pid']} {leader['application_name'] or ''} "
          f"{leader['client_addr'] or 'local'} since {leader['backend_start']:%Y-%m-%d %H:%M:%S}"),
         ("acknowledged", f"{ack.get('acked_lsn', '-')} (commit {ack.get('acked_commit_at')})"),
-        ("waiting (estimate)", f"{waiting['rows']} rows, oldest "
-                               f"{waiting['oldest_s'] or 0:.1f} s"),
+        ("waiting (estimate)", "not counted: no outbox rows in message mode, see the "
+                               "slot's lag" if status["estimate_note"] else
+                               f"{waiting['rows']} rows, oldest {waiting['oldest_s'] or 0:.1f} s"),
     ]
     for name, value in rows:
         table.add_row(name, value)

@@ -62,6 +62,11 @@ def test_sigterm_and_restart_resend_nothing(relay_settings, engine, relays):
     got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), expect)
     assert set(got.ids) == expect
     assert got.duplicates == 0, "a restarted relay re-sent messages"
+    # `relay status` says why it counts no waiting rows, instead of a misleading 0.
+    env = {**os.environ, **settings_env(relay_settings)}
+    done = subprocess.run([sys.executable, "-m", "outbox.cli", "relay", "status"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "no outbox rows in message mode" in done.stdout, done.stdout + done.stderr
 
 
 def test_sigkill_during_load_loses_nothing_and_keeps_order(relay_settings, engine, relays):
@@ -72,11 +77,11 @@ def test_sigkill_during_load_loses_nothing_and_keeps_order(relay_settings, engin
     _wait_for_slot(relay_settings)  # emitting is refused until it exists
     load = LoadResult()
     writer = threading.Thread(target=write_load, args=(engine,),
-                              kwargs={"events": 4000, "aggregates": 40, "threads": 4,
+                              kwargs={"events": 8000, "aggregates": 40, "threads": 4,
                                       "result": load})
     writer.start()
     kills = 0
-    while writer.is_alive() or kills < 3:
+    while writer.is_alive() or kills < 5:
         time.sleep(0.3 + 0.2 * kills)
         relay.kill()
         kills += 1

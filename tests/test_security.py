@@ -344,6 +344,10 @@ def _login_role(settings: AppSettings, password: str) -> Iterator[str]:
             sql.Identifier(url.database), role))
         su.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(
             sql.Identifier(settings.db_schema), role))
+        # outbox_emit runs as its owner (SECURITY DEFINER): it follows its tables.
+        su.execute(sql.SQL("ALTER FUNCTION {}.outbox_emit(text, text, text, jsonb, bigint,"
+                           " text, jsonb) OWNER TO {}").format(
+            sql.Identifier(settings.db_schema), role))
         tables = su.execute("select tablename from pg_tables where schemaname = %s",
                             (settings.db_schema,)).fetchall()
         for (table,) in tables:
