@@ -134,8 +134,27 @@ def _passed_through(extra: dict[str, Any]) -> list[Header]:
             if k not in CE_TRACE_EXTENSIONS and k != "content-type" and not k.startswith("ce_")]
 
 
-def cloudevents_binary_encoder(source: str) -> Encode:
-    """The `cloudevents-binary` format of `source`: `ce_*` headers, value = the payload."""
+def _ce_binary(attributes: dict[str, Any], payload_json: bytes, extra: dict[str, Any]
+               ) -> tuple[bytes, list[Header]]:
+    """`cloudevents-binary`: `ce_*` headers, value = the payload."""
+    headers = [(f"ce_{k}", str(v).encode()) for k, v in attributes.items()]
+    headers.append(("content-type", JSON_CONTENT_TYPE.encode()))
+    return payload_json, headers + _passed_through(extra)
+
+
+def _ce_structured(attributes: dict[str, Any], payload_json: bytes, extra: dict[str, Any]
+                   ) -> tuple[bytes, list[Header]]:
+    """`cloudevents-structured`: the JSON event, payload as `data`."""
+    head = orjson.dumps({**attributes, "datacontenttype": JSON_CONTENT_TYPE})
+    value = b"".join((head[:-1], b',"data":', payload_json, b"}"))
+    return value, [("content-type", CE_STRUCTURED_CONTENT_TYPE.encode()),
+                   *_passed_through(extra)]
+
+
+def cloudevents_encoder(source: str, structured: bool) -> Encode:
+    """The `cloudevents-binary` (or, with `structured`, `cloudevents-structured`) format of
+    `source`."""
+    lay_out = _ce_structured if structured else _ce_binary
 
     def encode(event_id: str, event_type: str, aggregate_type: str, aggregate_id: str,
                aggregate_version: int | None, org_id: str | None, occurred_at: str,
@@ -144,28 +163,7 @@ def cloudevents_binary_encoder(source: str) -> Encode:
         extra = _row_headers(headers_json)
         attributes = _ce_attributes(source, event_id, event_type, aggregate_type,
                                     aggregate_id, aggregate_version, org_id, occurred_at, extra)
-        headers = [(f"ce_{k}", str(v).encode()) for k, v in attributes.items()]
-        headers.append(("content-type", JSON_CONTENT_TYPE.encode()))
-        return payload_json, headers + _passed_through(extra)
-
-    return encode
-
-
-def cloudevents_structured_encoder(source: str) -> Encode:
-    """The `cloudevents-structured` format of `source`: the JSON event, payload as `data`."""
-
-    def encode(event_id: str, event_type: str, aggregate_type: str, aggregate_id: str,
-               aggregate_version: int | None, org_id: str | None, occurred_at: str,
-               payload_json: bytes, headers_json: str | bytes | None
-               ) -> tuple[bytes, list[Header]]:
-        extra = _row_headers(headers_json)
-        attributes = _ce_attributes(source, event_id, event_type, aggregate_type,
-                                    aggregate_id, aggregate_version, org_id, occurred_at, extra)
-        attributes["datacontenttype"] = JSON_CONTENT_TYPE
-        head = orjson.dumps(attributes)
-        value = b"".join((head[:-1], b',"data":', payload_json, b"}"))
-        return value, [("content-type", CE_STRUCTURED_CONTENT_TYPE.encode()),
-                       *_passed_through(extra)]
+        return lay_out(attributes, payload_json, extra)
 
     return encode
 
@@ -188,9 +186,9 @@ def route(settings: Settings, aggregate_type: str) -> Route:
     elif fmt == "debezium":
         encode = encode_debezium
     elif fmt == "cloudevents-binary":
-        encode = cloudevents_binary_encoder(cloudevents_source(settings))
+        encode = cloudevents_encoder(cloudevents_source(settings), structured=False)
     else:
-        encode = cloudevents_structured_encoder(cloudevents_source(settings))
+        encode = cloudevents_encoder(cloudevents_source(settings), structured=True)
     return Route(fmt, event_topic(settings, aggregate_type), encode)
 
 
