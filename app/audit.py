@@ -32,7 +32,7 @@ from typing import Any
 import redis
 import structlog
 from botocore.client import BaseClient
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 from elasticsearch import Elasticsearch, NotFoundError, helpers
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -43,6 +43,7 @@ from images.policy import NEEDS_OBJECT, OBJECT_GONE, TERMINAL, ImageState
 from images.store import AGGREGATE, ImageNotFound, load_image, resync, transition
 from images.tables import image_table
 from outbox.emit import emit
+from outbox.kafka import make_reader
 from outbox.wire_formats import event_topic
 from projectors.views.task_cache import TaskCache
 
@@ -57,8 +58,7 @@ def log_floor(settings: AppSettings) -> tuple[int, dict[int, datetime]]:
     """The partition count of the image topic, and for each partition whose oldest events
     were deleted, the time of the oldest event it still holds."""
     topic = event_topic(settings, AGGREGATE)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": f"{topic}.audit", "enable.auto.commit": False})
+    consumer = make_reader(settings, f"{topic}.audit")
     floors: dict[int, datetime] = {}
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)

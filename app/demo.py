@@ -1,6 +1,7 @@
 """`outbox demo`: the whole pipeline on the local stack, end to end.
 
-Starts the API, the relay, the four projectors and the reconciler as separate processes,
+Starts the API, the relay, the four projectors and the reconciler as separate processes
+(the relay as the relay's database role, the others as the application's),
 uploads a few dozen generated English and Chinese images through the HTTP API with real
 presigned uploads, waits until every image is searchable, runs text, vector and Chinese
 queries, and prints the time each image spent in each stage. The processes are stopped at
@@ -18,21 +19,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import requests
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 
 from app.sample_images import text_image
 from app.settings import AppSettings
-from outbox.db import make_engine
-from outbox.migrate import migrate
+from outbox.db import libpq_dsn, make_engine
+from outbox.grants import grants_sql
+from outbox.migrate import histories, migrate
 from outbox.tables import outbox_table
 
 API_PORT = 18000
 METRICS_PORTS = {"relay": 19464, "ocr": 19465, "embed": 19466, "search": 19467, "cache": 19468,
                  "reconcile": 19469}
 DEMO_KEY, DEMO_ORG = "demo-key", "demo-org"
+# The process roles' URLs `make up` writes into .outbox/env (README, "Database roles and
+# privileges"): the relay runs as the relay's, every other process as the application's.
+APP_URL, RELAY_URL = "STACK_APP_DATABASE_URL", "STACK_RELAY_DATABASE_URL"
 
 # Twelve English and twelve Chinese documents: a title and the lines drawn on the image.
 SAMPLES = json.loads((Path(__file__).resolve().parent / "demo_images.json").read_text())
@@ -53,12 +59,15 @@ class Upload:
 
 
 class Processes:
-    """The demo's child processes, each with a PID file and a log under .outbox/."""
+    """The demo's child processes, each with a PID file and a log under .outbox/;
+    `overrides`: per child name, variables that differ from `env` (its role's URL)."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str],
+                 overrides: dict[str, dict[str, str]] | None = None) -> None:
         self.run_dir = state_dir / "run"
         self.log_dir = state_dir / "logs"
         self.env = env
+        self.overrides = overrides or {}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, args: list[str]) -> None:
@@ -66,7 +75,8 @@ class Processes:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"demo-{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, "-m", "outbox.cli", *args], env=self.env,
+        env = {**self.env, **self.overrides.get(name, {})}
+        proc = subprocess.Popen([sys.executable, "-m", "outbox.cli", *args], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         (self.run_dir / f"demo-{name}.pid").write_text(f"{proc.pid}\n")
         self.procs[name] = proc
@@ -165,14 +175,34 @@ def stage_times(settings: AppSettings, uploads: list[Upload]) -> None:
                 u.stages.setdefault(typ, at.timestamp())
 
 
+def grant_roles(settings: AppSettings, app_url: str, relay_url: str) -> None:
+    """Apply `outbox grants` for the roles of `app_url` and `relay_url` in the settings'
+    schema, as the settings' (the owner's) role."""
+    app_role, relay_role = make_url(app_url).username, make_url(relay_url).username
+    if not app_role or not relay_role:
+        raise ValueError(f"{APP_URL} and {RELAY_URL} must name their roles")
+    sql = grants_sql(settings.db_schema, app_role, relay_role, histories())
+    with psycopg.connect(libpq_dsn(settings), autocommit=True) as conn:
+        conn.execute(sql)
+
+
 def run_demo(settings: AppSettings, state_dir: Path) -> int:
     """Run the demo; return the exit code."""
     console = Console(width=120)
     api = f"http://127.0.0.1:{API_PORT}"
-    env = {**os.environ, "OUTBOX_API_KEYS": f"{DEMO_KEY}:{DEMO_ORG}"}
+    missing = [v for v in (APP_URL, RELAY_URL) if not os.environ.get(v)]
+    if missing:
+        console.print(f"[red]{' and '.join(missing)} not set[/]: the demo runs each process "
+                      "as its own database role; `make up` creates them and writes the URLs "
+                      "into .outbox/env")
+        return 2
+    # The owner (OUTBOX_DATABASE_URL) migrates and grants; no process runs as it.
+    env = {**os.environ, "OUTBOX_API_KEYS": f"{DEMO_KEY}:{DEMO_ORG}",
+           "OUTBOX_DATABASE_URL": os.environ[APP_URL]}
     console.print(f"[bold]migrating[/] schema {settings.db_schema!r}")
     migrate(settings)
-    procs = Processes(state_dir, env)
+    grant_roles(settings, os.environ[APP_URL], os.environ[RELAY_URL])
+    procs = Processes(state_dir, env, {"relay": {"OUTBOX_DATABASE_URL": os.environ[RELAY_URL]}})
     # SIGTERM unwinds like Ctrl-C, so the children are stopped rather than orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

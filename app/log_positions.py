@@ -17,11 +17,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError, TopicPartition
 
 from app.settings import AppSettings
 from images.store import AGGREGATE
+from outbox.kafka import make_admin, make_reader
 from outbox.wire_formats import event_topic, is_event_topic, record_field
 from projectors.builtin_specs import BUILTIN
 from projectors.rebuild import committed
@@ -61,11 +61,9 @@ def read_tails(settings: AppSettings, starts: dict[Partition, int], caps: dict[s
     tails = {tp: Tail() for tp in starts}
     if not starts:
         return tails
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": f"{settings.topic_prefix}.status",
-                         "enable.auto.commit": False, "enable.partition.eof": True,
-                         "auto.offset.reset": "earliest", "fetch.wait.max.ms": 50,
-                         "log_level": 0})
+    consumer = make_reader(settings, f"{settings.topic_prefix}.status", log_level=0,
+                           **{"enable.partition.eof": True, "auto.offset.reset": "earliest",
+                              "fetch.wait.max.ms": 50})
     open_ = set(starts)
     deadline = time.monotonic() + timeout_s
     try:
@@ -133,7 +131,7 @@ def committed_totals(settings: AppSettings) -> dict[str, dict[Partition, int]]:
 
 def dead_letter_topics(settings: AppSettings) -> list[str]:
     """The `<event topic>.dlq.<consumer>` topics the broker has."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
+    admin = make_admin(settings, log_level=0)
     return sorted(t for t in admin.list_topics(timeout=5).topics
                   if ".dlq." in t and is_event_topic(settings, t))
 

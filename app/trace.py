@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from botocore.client import BaseClient
 from botocore.exceptions import ClientError
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from elastic_transport import TransportError
 from elasticsearch import Elasticsearch, NotFoundError
 from kafka.partitioner.default import murmur2
@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 from app.settings import AppSettings
 from images.store import AGGREGATE, ImageNotFound
 from images.tables import image_event_table, image_table
+from outbox.kafka import make_reader
 from outbox.wire_formats import event_topic, record_field
 from projectors.views.task_cache import TaskCache
 
@@ -82,8 +83,7 @@ class ImageTrace:
 
     def _partition(self, topic: str, key: str) -> int | None:
         try:
-            consumer = Consumer({"bootstrap.servers": self._settings.kafka_bootstrap,
-                                 "group.id": "outbox-trace"})
+            consumer = make_reader(self._settings, "outbox-trace")
             try:
                 parts = consumer.list_topics(topic, timeout=5).topics[topic].partitions
             finally:
@@ -94,8 +94,7 @@ class ImageTrace:
 
     def _offsets(self, topic: str, partition: int, wanted: set[str], limit: int
                  ) -> dict[str, int]:
-        consumer = Consumer({"bootstrap.servers": self._settings.kafka_bootstrap,
-                             "group.id": "outbox-trace", "enable.auto.commit": False})
+        consumer = make_reader(self._settings, "outbox-trace")
         found: dict[str, int] = {}
         try:
             low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)

@@ -29,7 +29,8 @@ def presigned_post(
     expires_in: int,
 ) -> dict[str, Any]:
     """A presigned POST whose policy pins the key, the content type and the declared size,
-    so the storage itself refuses a different type or a body of any other size."""
+    so the storage itself refuses a different type or a body of any other size. `client`
+    signs for the address clients use (images.storage.presigning_client)."""
     return client.generate_presigned_post(
         settings.s3_bucket,
         key,

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import psycopg
 import requests
-from confluent_kafka import Producer
 from psycopg.rows import dict_row
 
 from bench.cli import bench_main
 from outbox.db import libpq_dsn
-from outbox.kafka import TopicManager, producer_config
+from outbox.kafka import TopicManager, make_producer
 from outbox.migrate import migrate
 from outbox.observability import configure_logging
 from outbox.pg_names import publication_name, slot_name
@@ -157,7 +156,7 @@ def raw_producer(settings: Settings, events: int) -> float:
     topic = f"{settings.topic_prefix}.raw"
     TopicManager(settings).ensure(topic)
     msgs = [(r.aggregate_id.encode(), r.value(), r.kafka_headers()) for r in records]
-    producer = Producer(producer_config(settings))
+    producer = make_producer(settings)
     failures = []
 
     def on_delivery(err, _msg):

@@ -47,7 +47,6 @@ from typing import Any
 import psycopg
 import redis
 from botocore.client import BaseClient
-from confluent_kafka.admin import AdminClient
 from elasticsearch import Elasticsearch, helpers
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -58,6 +57,7 @@ from images.storage import object_key, s3_client
 from images.store import AGGREGATE, image_document
 from images.tables import image_table
 from outbox.db import libpq_dsn, make_engine
+from outbox.kafka import make_admin
 from outbox.migrate import migrate
 from outbox.observability import configure_logging
 from outbox.pg_names import publication_name, slot_name
@@ -149,7 +149,7 @@ def _cleanup(s: AppSettings) -> list[str]:
                 r.unlink(*batch)
 
     def kafka() -> None:
-        admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
+        admin = make_admin(s)
         topics = [t for t in admin.list_topics(timeout=10).topics if is_event_topic(s, t)]
         if topics:
             for future in admin.delete_topics(topics, operation_timeout=30).values():

@@ -39,8 +39,14 @@ SW_METRICS_PORT=18983
 SW_WEBDAV_PORT=18984
 
 PG_DB=outbox
-PG_USER=outbox
+PG_USER=outbox  # the owner: migrations, grants, tools; no long-running process uses it
 PG_PASSWORD=outbox
+# The process roles (README, "Database roles and privileges"); their privileges are per
+# schema, applied with `outbox grants` after a migration.
+APP_ROLE=outbox_app
+APP_PASSWORD=outbox-app-local
+RELAY_ROLE=outbox_relay
+RELAY_PASSWORD=outbox-relay-local
 S3_ACCESS_KEY=outbox-access
 S3_SECRET_KEY=outbox-secret-key-local
 S3_REGION=us-east-1
@@ -133,6 +139,22 @@ EOF
     fi
 }
 
+ensure_roles() {  # idempotent: creates only the roles that do not exist
+    local psql=("$(pg_bin)/psql" -h "$PG_DIR/sock" -p "$PG_PORT" -U postgres -d postgres -qAt)
+    local role attributes password
+    for role in "$APP_ROLE" "$RELAY_ROLE"; do
+        if [ "$role" = "$RELAY_ROLE" ]; then
+            attributes="login replication"; password="$RELAY_PASSWORD"
+        else
+            attributes="login"; password="$APP_PASSWORD"
+        fi
+        if [ "$("${psql[@]}" -c "select 1 from pg_roles where rolname='$role'")" != 1 ]; then
+            "${psql[@]}" -c "create role $role $attributes password '$password'"
+            log "postgres: created role $role ($attributes)"
+        fi
+    done
+}
+
 start_redis() {
     if running redis; then return; fi
     port_free_or_die redis "$REDIS_PORT"
@@ -218,6 +240,8 @@ write_env() {
     cat >"$STATE/env" <<EOF
 OUTBOX_KAFKA_IDEMPOTENCE=false
 OUTBOX_DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB
+STACK_APP_DATABASE_URL=postgresql+psycopg://$APP_ROLE:$APP_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB
+STACK_RELAY_DATABASE_URL=postgresql+psycopg://$RELAY_ROLE:$RELAY_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB
 OUTBOX_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 OUTBOX_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 OUTBOX_S3_BUCKET=$S3_BUCKET
@@ -287,6 +311,7 @@ cmd_up() {  # [service...]: all by default, in dependency order
             [ -x "$PY" ] || die "no virtualenv at $VENV (run: make bootstrap)" ;;
         esac
         "start_$name"
+        if [ "$name" = postgres ]; then ensure_roles; fi
     done
     write_env
     log "stack up in $((SECONDS - t0))s; environment in $STATE/env"

@@ -1,21 +1,26 @@
 """The `outbox` command line.
 
-The core registers its own commands (config, migrate, schema, topics); packages built on it add
-theirs through the entry-point group `outbox.commands` (a `register(subparsers)` function),
-so this module imports nothing above the core.
+The core registers its own commands (config, migrate, grants, schema, topics); packages
+built on it add theirs through the entry-point group `outbox.commands` (a
+`register(subparsers)` function), so this module imports nothing above the core.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from outbox.settings import get_settings
+from outbox.settings_sources import CONFIG_FILE_VARIABLE, ConfigurationError
 
 
 def print_report(report: Any, as_json: bool, render: Callable[[Any], None]) -> None:
@@ -26,16 +31,47 @@ def print_report(report: Any, as_json: bool, render: Callable[[Any], None]) -> N
         render(report)
 
 
-def _cmd_config(_: argparse.Namespace) -> int:
-    """Print where the database and Kafka are, as this process sees the configuration."""
-    s = get_settings()
-    rows = {
-        "database": f"{s.database_url.split('@')[-1]} schema={s.db_schema}",
-        "kafka": f"{s.kafka_bootstrap} topics={s.topic_prefix}.<aggregate_type>",
-    }
-    for name, where in rows.items():
-        print(f"{name:9} {where}")
-    return 0
+def _configuration_problems() -> list[str]:
+    """Unknown `OUTBOX_*` variables and configuration-file keys, and secrets set twice, one
+    message each."""
+    from outbox.settings_registry import (
+        conflicting_secrets,
+        installed_classes,
+        settings_of,
+        unknown_file_keys,
+        unknown_variables,
+    )
+    from outbox.settings_sources import load_config_file
+
+    settings = settings_of(installed_classes())
+    return (unknown_variables(settings) + conflicting_secrets(settings)
+            + unknown_file_keys(settings, load_config_file()))
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """Show every setting's value and where it came from (environment, file-secret, file,
+    default, or missing), secrets masked; or, with --markdown, the README's table. Exit 2
+    when a variable or file key is unknown."""
+    from outbox.settings_registry import documented_classes, installed_classes, settings_of
+    from outbox.settings_report import markdown_table, origins, render_text, replace_table
+    from outbox.settings_sources import load_config_file
+
+    if args.markdown:
+        table = markdown_table(settings_of(documented_classes()))
+        if args.write:
+            path = Path(args.write)
+            path.write_text(replace_table(path.read_text(), table))
+            print(f"wrote the settings table to {path}")
+        else:
+            print(table)
+        return 0
+    problems = _configuration_problems()
+    rows = origins(settings_of(installed_classes()), file_data=load_config_file())
+    print_report({"settings": rows, "problems": problems}, args.json,
+                 lambda report: print(render_text(report["settings"])))
+    for problem in problems:
+        print(f"outbox config: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -44,6 +80,32 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
     migrate(get_settings(), args.revision, only=args.history)
     print(f"database schema {get_settings().db_schema!r} at {args.revision}")
+    return 0
+
+
+def _cmd_grants(args: argparse.Namespace) -> int:
+    """Print (or with --apply, run as the configured owner) the SQL that gives the
+    application's and the relay's roles what they need in the schema."""
+    from outbox.grants import grants_sql
+    from outbox.migrate import histories
+
+    schema = args.schema or get_settings().db_schema
+    try:
+        sql = grants_sql(schema, args.app, args.relay, histories(), owner=args.owner)
+    except ValueError as exc:
+        print(f"outbox grants: {exc}", file=sys.stderr)
+        return 2
+    if not args.apply:
+        print(sql, end="")
+        return 0
+    import psycopg
+
+    from outbox.db import libpq_dsn
+
+    with psycopg.connect(libpq_dsn(get_settings().model_copy(update={"db_schema": schema})),
+                         autocommit=True) as conn:
+        conn.execute(sql)
+    print(f"granted {args.app} (application) and {args.relay} (relay) in schema {schema!r}")
     return 0
 
 
@@ -150,9 +212,18 @@ def service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with the core's subcommands and every registered one."""
     parser = argparse.ArgumentParser(prog="outbox", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"the TOML configuration file (sets {CONFIG_FILE_VARIABLE}, so "
+                             "the processes a command starts read it too); environment "
+                             "variables override it")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("config", help="show the service addresses this process would use")
+    p = sub.add_parser("config", help="every setting's value and origin, secrets masked")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument("--markdown", action="store_true",
+                   help="the README's table of every setting instead")
+    p.add_argument("--write", metavar="README",
+                   help="with --markdown: replace the table between the markers in this file")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("migrate", help="apply the database migrations (Alembic)")
@@ -160,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default=None,
                    help="only this history (outbox, or a registered package's)")
     p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("grants", help="the SQL giving the application's and the relay's "
+                       "roles their privileges (run as the owner after each migrate)")
+    p.add_argument("--app", required=True, help="the application's role")
+    p.add_argument("--relay", required=True, help="the relay's role")
+    p.add_argument("--owner", help="the role that owns the schema's objects (default "
+                   "privileges are for what it creates; default: the role running the SQL)")
+    p.add_argument("--schema", help="the outbox schema (default: OUTBOX_DB_SCHEMA)")
+    p.add_argument("--apply", action="store_true",
+                   help="run the SQL as OUTBOX_DATABASE_URL's role instead of printing it")
+    p.set_defaults(func=_cmd_grants)
 
     p = sub.add_parser("schema", help="the event envelope's JSON schema")
     p.add_argument("--write", action="store_true", help="rewrite outbox/schemas/ instead")
@@ -175,17 +257,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "topics start)")
     p.set_defaults(func=_cmd_topics)
 
+    from outbox.doctor.command import register as register_doctor
+
+    register_doctor(sub)
+
     for ep in sorted(entry_points(group="outbox.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return parser
 
 
+def _fail(command: str, messages: list[str]) -> int:
+    for message in messages:
+        print(f"{command}: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `outbox` console script."""
+    """Entry point of the `outbox` console script. A configuration problem (a setting
+    missing or invalid, an unknown variable or file key, an unreadable file) stops the
+    command at once with exit status 2 and one line per problem, naming the variable."""
+    from outbox.settings_registry import installed_classes, validation_messages
+
     args = build_parser().parse_args(argv)
+    if args.config:
+        os.environ[CONFIG_FILE_VARIABLE] = args.config
+    name = getattr(args, "name", None)
+    command = " ".join(["outbox", args.command, *([name] if isinstance(name, str) else [])])
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if func is not _cmd_config:  # which reports the problems along with the values
+            problems = _configuration_problems()
+            if problems:
+                return _fail(command, problems)
         return func(args)
+    except ConfigurationError as exc:
+        return _fail(command, [str(exc)])
+    except ValidationError as exc:
+        messages = validation_messages(exc, installed_classes())
+        if messages is None:  # not a settings class's: a bug, with its traceback
+            raise
+        return _fail(command, messages)
     except KeyboardInterrupt:
         return 130
 

@@ -1,5 +1,11 @@
 """Kafka configuration and naming shared by every client of the sidecar.
 
+Every producer, consumer and admin client of the project is built here (`make_producer`,
+`make_consumer`, `make_reader`, `make_admin`, or their `*_config` dicts): the bootstrap servers
+and the security settings (TLS, SASL), then the role's own settings, then the caller's, and
+last the pass-through properties (`OUTBOX_KAFKA_PROPERTIES__*`), so an operator can override
+anything.
+
 Topics are `<prefix>.<aggregate_type>`; dead letters of a consumer (a projector, or `relay`)
 go to `<topic>.dlq.<consumer>`. Producers use `acks=all` and are idempotent unless
 `OUTBOX_KAFKA_IDEMPOTENCE=false`; consumers commit by hand, after their effects.
@@ -19,10 +25,10 @@ ignore `cleanup.policy` and `retention.ms`). The price is a log that grows with 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from outbox.settings import Settings
@@ -40,11 +46,49 @@ def dlq_topic(topic: str, consumer: str) -> str:
     return f"{topic}.dlq.{consumer}"
 
 
-def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """Producer settings shared by the relays, the dead-letter writers and the benchmark."""
+ProducerRole = Literal["default", "relay"]
+
+# What each kind of producer needs beyond the shared producer settings, in one place.
+PRODUCER_ROLES: dict[str, dict[str, Any]] = {
+    # Dead-letter writers, the dead-letter replay and the benchmark's raw producer: a message
+    # not acknowledged within a minute is reported to the caller as failed.
+    "default": {
+        "message.timeout.ms": 60000,
+        "queue.buffering.max.messages": 200000,
+        "queue.buffering.max.kbytes": 262144,
+    },
+    # The relay (relays/publisher.py): no message ever times out (librdkafka keeps it queued
+    # and retries it in order through an outage of any length, so per-aggregate order holds),
+    # only failures are reported (no Python call per message), and the queue is bounded
+    # lower: through an outage it holds what was read from the database and not yet
+    # acknowledged, and a full queue makes the relay wait instead of reading more.
+    "relay": {
+        "message.timeout.ms": 0,
+        "delivery.report.only.error": True,
+        "queue.buffering.max.messages": 100_000,
+        "queue.buffering.max.kbytes": 65_536,
+    },
+}
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """What every client shares: the bootstrap servers and the security settings (TLS, SASL;
+    see outbox/kafka_settings.py)."""
+    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_security_config()}
+
+
+def _finish(settings: Settings, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the pass-through properties over it: the operator has the last word."""
+    return {**config, **settings.kafka_passthrough_config()}
+
+
+def producer_config(settings: Settings, role: ProducerRole = "default",
+                    **overrides: Any) -> dict[str, Any]:
+    """Producer settings: the shared ones, then the `role`'s (PRODUCER_ROLES), then the
+    caller's `overrides` (callbacks), then the pass-through properties."""
     idempotent = settings.kafka_idempotence
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+    return _finish(settings, {
+        **client_config(settings),
         "enable.idempotence": idempotent,
         # Without idempotence, a retried request behind another one in flight would land
         # after it: one at a time keeps each partition in order.
@@ -54,21 +98,19 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "reconnect.backoff.max.ms": 1000,
         "linger.ms": 5,
         "batch.num.messages": 10000,
-        "queue.buffering.max.messages": 200000,
-        "queue.buffering.max.kbytes": 262144,
-        "message.timeout.ms": 60000,
         # murmur2 partitions like the Java clients: the same key lands in the same partition
         # whichever client produces it.
         "partitioner": "murmur2_random",
+        **PRODUCER_ROLES[role],
         **overrides,
-    }
+    })
 
 
 def consumer_config(settings: Settings, group_id: str, session_timeout_ms: int,
                     **overrides: Any) -> dict[str, Any]:
     """Consumer settings of a consumer group that commits by hand, after its effects."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+    return _finish(settings, {
+        **client_config(settings),
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -76,7 +118,42 @@ def consumer_config(settings: Settings, group_id: str, session_timeout_ms: int,
         "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
         "partition.assignment.strategy": "range",
         **overrides,
-    }
+    })
+
+
+def reader_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """Settings of a consumer that reads assigned partitions (or metadata, watermarks and a
+    group's committed offsets) and commits nothing; `group_id` names it to the broker (the
+    client requires one) or is the group whose offsets it reads."""
+    return _finish(settings, {**client_config(settings), "group.id": group_id,
+                              "enable.auto.commit": False, **overrides})
+
+
+def admin_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Settings of an admin client (topics, configs, consumer groups)."""
+    return _finish(settings, {**client_config(settings), **overrides})
+
+
+def make_producer(settings: Settings, role: ProducerRole = "default",
+                  **overrides: Any) -> Producer:
+    """A producer built from `producer_config`."""
+    return Producer(producer_config(settings, role, **overrides))
+
+
+def make_consumer(settings: Settings, group_id: str, session_timeout_ms: int,
+                  **overrides: Any) -> Consumer:
+    """A consumer group member built from `consumer_config`."""
+    return Consumer(consumer_config(settings, group_id, session_timeout_ms, **overrides))
+
+
+def make_reader(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
+    """A consumer that commits nothing, built from `reader_config`."""
+    return Consumer(reader_config(settings, group_id, **overrides))
+
+
+def make_admin(settings: Settings, **overrides: Any) -> AdminClient:
+    """An admin client built from `admin_config`."""
+    return AdminClient(admin_config(settings, **overrides))
 
 
 def replication(settings: Settings, brokers: int) -> tuple[int, int]:
@@ -101,7 +178,7 @@ class TopicManager:
     process and topic. An existing topic is left as it is."""
 
     def __init__(self, settings: Settings) -> None:
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self._admin = make_admin(settings)
         self._settings = settings
         self._known: set[str] = set()
         # Cleared when the broker refuses the topic configs: later topics go without them.

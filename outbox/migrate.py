@@ -7,7 +7,7 @@ built on it that has tables of its own registers its history under the entry-poi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -16,21 +16,36 @@ from alembic.config import Config
 from sqlalchemy import text
 
 from outbox.db import checked_schema, make_engine
-from outbox.pg_names import CONFIG_TABLE
+from outbox.grants import RoleGrants, on_function, on_table
+from outbox.pg_names import CONFIG_TABLE, OUTBOX_TABLE
+from outbox.publication import ensure_publication_sql
 from outbox.settings import Settings
 
 
 @dataclass(frozen=True)
 class MigrationHistory:
-    """One Alembic history: where its scripts are and which table records its revision."""
+    """One Alembic history: where its scripts are, which table records its revision, and
+    what the application's and the relay's roles need on its objects (`outbox grants`)."""
 
     name: str
     location: Path
     version_table: str
+    grants: RoleGrants = field(default_factory=RoleGrants)
 
 
-CORE = MigrationHistory("outbox", Path(__file__).resolve().parent / "migrations",
-                        "outbox_schema_version")
+# The application emits through `outbox_emit` (SECURITY DEFINER) and records what its
+# workers processed; the relay reads the outbox, marks it (poll), purges it and the tracking
+# records (janitor), keeps `relay_slot`, and reads the emit mode.
+CORE = MigrationHistory(
+    "outbox", Path(__file__).resolve().parent / "migrations", "outbox_schema_version",
+    RoleGrants(
+        app=(on_function("outbox_emit(text, text, text, jsonb, bigint, text, jsonb)"),
+             on_table("processed_event", "SELECT, INSERT")),
+        relay=(on_table(OUTBOX_TABLE, "SELECT, UPDATE (published_at), DELETE"),
+               on_table("relay_slot", "SELECT, INSERT, UPDATE, DELETE"),
+               on_table("processed_event", "SELECT, DELETE"),
+               on_table(CONFIG_TABLE, "SELECT")),
+    ))
 
 
 def histories() -> list[MigrationHistory]:
@@ -59,6 +74,21 @@ def migrate(settings: Settings, revision: str = "head", only: str | None = None)
     # not switch a message-mode deployment back to table mode.
     if CORE in selected and "emit_mode" in settings.model_fields_set:
         store_emit_mode(settings)
+    if CORE in selected and revision == "head":
+        ensure_publication(settings)
+
+
+def ensure_publication(settings: Settings) -> None:
+    """Make the publication publish the outbox's inserts again when it was dropped or
+    changed since the migration made it: `outbox migrate` run by the owner is the one fix a
+    relay without ownership asks for."""
+    schema = checked_schema(settings.db_schema)
+    engine = make_engine(settings)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(ensure_publication_sql(schema)))
+    finally:
+        engine.dispose()
 
 
 def store_emit_mode(settings: Settings) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 from confluent_kafka.admin import AdminClient
 
+from outbox.kafka import make_admin
 from outbox.settings import Settings
 
 Probe = Callable[[], object]
@@ -98,7 +99,6 @@ def kafka_probe(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> Probe
     def probe() -> None:
         if not client:
             # log_level 0: librdkafka would log every failed reconnection to stderr.
-            client.append(AdminClient({"bootstrap.servers": settings.kafka_bootstrap,
-                                       "log_level": 0}))
+            client.append(make_admin(settings, log_level=0))
         client[0].list_topics(timeout=timeout_s)
     return probe

@@ -1,8 +1,11 @@
 """Configuration of the sidecar core, read from the environment (`OUTBOX_*`; `make up` writes
-the local stack's values to `.outbox/env`).
+the local stack's values to `.outbox/env`), from `<VARIABLE>_FILE` for secrets and from a
+TOML configuration file (`OUTBOX_CONFIG_FILE`; outbox/settings_sources.py).
 
 Every address is configuration, so the same code runs against Apache Kafka and a managed
-PostgreSQL in production. Packages built on the core extend `Settings` with their own fields.
+PostgreSQL in production, and none has a default: a process that misses one stops, naming it,
+rather than reach for 127.0.0.1. Packages built on the core extend `Settings` with their own
+fields and register the class in the entry-point group `outbox.settings`.
 """
 
 from __future__ import annotations
@@ -12,25 +15,40 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from outbox.kafka_settings import KafkaSecuritySettings
+from outbox.settings_sources import SECRET, ConfigFileSource, SecretFileSource
 
 WireFormat = Literal["envelope", "debezium", "cloudevents-binary", "cloudevents-structured"]
 
 
-class Settings(BaseSettings):
+class Settings(KafkaSecuritySettings):
     """Settings of the outbox, its relays and its Kafka topics."""
 
-    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore")
+    # An empty variable counts as unset (a required setting is then missing, not ""); an
+    # unknown keyword argument is an error. Unknown variables: outbox/settings_registry.py.
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="forbid",
+                                      env_ignore_empty=True)
 
-    database_url: str = "postgresql+psycopg://outbox:outbox@127.0.0.1:15432/outbox"
+    database_url: Annotated[str, SECRET] = Field(
+        description="SQLAlchemy URL of the database, "
+        "`postgresql+psycopg://user:password@host:port/db`")
     db_schema: str = Field(default="public", description="schema holding the outbox tables")
-    kafka_bootstrap: str = "127.0.0.1:19092"
+    kafka_bootstrap: str = Field(
+        description="Kafka bootstrap servers, `host:port[,host:port...]`")
     kafka_idempotence: bool = Field(
         default=True,
         description="idempotent producers; turn off for a broker whose idempotence loses a "
         "batch in flight at its restart (Tansu 0.6, see README): one request in flight per "
         "connection then keeps the order, and a retry may duplicate")
-    topic_prefix: str = "outbox"
+    topic_prefix: str = Field(
+        default="outbox", description="event topics are `<topic_prefix>.<aggregate_type>`")
     emit_mode: Literal["table", "message"] = Field(
         default="table",
         description="table: `emit`/`outbox_emit` insert an outbox row; message: they write "
@@ -49,7 +67,8 @@ class Settings(BaseSettings):
     cloudevents_source: str | None = Field(
         default=None, description="the CloudEvents `source` attribute (default: "
         "/outbox-sidecar/<db_schema>)")
-    topic_partitions: int = 3
+    topic_partitions: int = Field(default=3, ge=1,
+                                  description="partitions of each new event topic")
     topic_replication_factor: int | None = Field(
         default=None, ge=1,
         description="replicas of each new topic; unset: min(3, brokers in the cluster metadata)",
@@ -66,7 +85,8 @@ class Settings(BaseSettings):
         "missing from every rebuilt view (why not compaction: outbox/kafka.py)",
     )
 
-    relay_batch_size: int = 10000
+    relay_batch_size: int = Field(
+        default=10000, ge=1, description="most events the relay reads and publishes at once")
     relay_poll_interval_s: float = Field(
         default=1.0, description="fallback wake-up when no NOTIFY arrives"
     )
@@ -89,13 +109,25 @@ class Settings(BaseSettings):
         "minutes, and an older event finds its aggregate moved on (workers act on the "
         "current version only)",
     )
-    janitor_interval_s: float = 60.0
+    janitor_interval_s: float = Field(
+        default=60.0, description="the janitor's pause between two clean-ups")
 
     otlp_endpoint: str | None = Field(
         default=None,
         description="OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go to "
         "<url>/v1/traces). Unset, and without OTEL_EXPORTER_OTLP_ENDPOINT: no spans are "
         "recorded, at no cost")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then `<VARIABLE>_FILE`, then the configuration
+        file, then defaults (no .env file or secrets directory)."""
+        return (init_settings, env_settings, SecretFileSource(settings_cls),
+                ConfigFileSource(settings_cls))
 
     @field_validator("wire_formats", mode="before")
     @classmethod
@@ -117,5 +149,6 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The core settings of this process, read once from the environment."""
+    """The core settings of this process, read once from the environment and the
+    configuration file."""
     return Settings()

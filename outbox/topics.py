@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
+from outbox.kafka import make_admin, make_reader
 from outbox.settings import Settings
 from outbox.wire_formats import is_event_topic
 
@@ -36,19 +37,21 @@ def describe_topics(settings: Settings, timeout_s: float = 5.0) -> list[dict[str
     metadata cannot be read within `timeout_s`.
     """
     # log_level 0: librdkafka would print a line per failed connection attempt; an
-    # unreachable broker is reported once, by the exception.
-    client = {"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0}
-    admin = AdminClient(client)
+    # unreachable broker is reported once, by the exception, with the connection's own
+    # error (a refused TLS certificate or SASL login says so there, not in the exception).
+    errors: list[KafkaError] = []
+    admin = make_admin(settings, log_level=0, error_cb=errors.append)
     try:
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
+        admin.poll(0)  # serves the error callback
+        reason = "; ".join(dict.fromkeys(e.str() for e in errors)) or exc.args[0].str()
         raise KafkaUnreachable(
-            f"Kafka at {settings.kafka_bootstrap} cannot be reached: {exc.args[0].str()}"
-        ) from exc
+            f"Kafka at {settings.kafka_bootstrap} cannot be reached: {reason}") from exc
     names = sorted(t for t in metadata.topics if is_event_topic(settings, t))
     configs = _describe_configs(admin, names, timeout_s)
     # Reading watermarks joins no group, but the client insists on a group id.
-    consumer = Consumer({**client, "group.id": f"{settings.topic_prefix}.topics"})
+    consumer = make_reader(settings, f"{settings.topic_prefix}.topics", log_level=0)
     try:
         topics = []
         for name in names:

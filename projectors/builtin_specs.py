@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from outbox.readiness import Probe
-from projectors.settings import ProjectorSettings
+from projectors.settings import ProjectorSettings, WorkerSettings
 from projectors.spec import Projector, ProjectorSpec, StopCheck
 
 if TYPE_CHECKING:
@@ -20,15 +20,15 @@ def _outage(exc: BaseException) -> bool:
     return is_store_outage(exc)
 
 
-def _probes(*stores: str) -> Callable[[ProjectorSettings], Mapping[str, Probe]]:
-    def probes(settings: ProjectorSettings) -> Mapping[str, Probe]:
+def _probes(*stores: str) -> Callable[[WorkerSettings], Mapping[str, Probe]]:
+    def probes(settings: WorkerSettings) -> Mapping[str, Probe]:
         from projectors.sink_probes import store_probes
 
         return store_probes(settings, stores)
     return probes
 
 
-def _ocr(s: ProjectorSettings, should_stop: StopCheck) -> Projector:
+def _ocr(s: WorkerSettings, should_stop: StopCheck) -> Projector:
     from images.storage import s3_client
     from outbox.db import make_engine
     from projectors.workers.ocr import OcrWorker
@@ -38,7 +38,7 @@ def _ocr(s: ProjectorSettings, should_stop: StopCheck) -> Projector:
     return OcrWorker(s, make_engine(s), s3_client(s), should_stop=should_stop)
 
 
-def _embed(s: ProjectorSettings, should_stop: StopCheck) -> Projector:
+def _embed(s: WorkerSettings, should_stop: StopCheck) -> Projector:
     from outbox.db import make_engine
     from projectors.workers.embed import EmbeddingWorker
     from projectors.workers.embedder import get_embedder
@@ -86,11 +86,11 @@ def _cache_rebuild(s: ProjectorSettings, on_progress: Callable[[Progress], None]
 
 # Default ports 9465-9468 let the four run side by side on one host.
 OCR = ProjectorSpec(
-    name="ocr", metrics_port=9465, factory=_ocr, settings=ProjectorSettings,
+    name="ocr", metrics_port=9465, factory=_ocr, settings=WorkerSettings,
     probes=_probes("database", "s3"), transient=_outage,
     description="OCR of uploaded images; results written back through the outbox")
 EMBED = ProjectorSpec(
-    name="embed", metrics_port=9466, factory=_embed, settings=ProjectorSettings,
+    name="embed", metrics_port=9466, factory=_embed, settings=WorkerSettings,
     probes=_probes("database"), transient=_outage,
     description="text embeddings; results written back through the outbox")
 SEARCH = ProjectorSpec(

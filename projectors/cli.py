@@ -11,8 +11,6 @@ def _cmd_project(args: argparse.Namespace) -> int:
     """Run one installed projector until SIGTERM."""
     import sys
 
-    from pydantic import ValidationError
-
     from outbox.observability import configure_logging
     from outbox.tracing import configure_tracing
     from projectors.discovery import ProjectorConflict, ProjectorNotFound, load_spec
@@ -23,9 +21,6 @@ def _cmd_project(args: argparse.Namespace) -> int:
         settings = spec.settings()
     except (ProjectorNotFound, ProjectorConflict) as exc:
         print(f"outbox project: {exc}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        print(f"outbox project {args.name}: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(f"projector-{args.name}", args.log_level)
     configure_tracing(f"outbox-projector-{args.name}", settings)

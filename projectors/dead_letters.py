@@ -16,9 +16,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
-from outbox.kafka import producer_config
+from outbox.kafka import make_producer, make_reader
 from outbox.settings import Settings
 from outbox.wire_formats import record_field
 
@@ -53,8 +53,7 @@ def describe(msg: Message) -> dict[str, Any]:
 
 def list_dead_letters(settings: Settings, topic: str) -> list[dict[str, Any]]:
     """Every dead letter in `topic`, oldest first per partition."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": f"{topic}.list", "enable.auto.commit": False})
+    consumer = make_reader(settings, f"{topic}.list")
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in parts])
@@ -68,10 +67,8 @@ def replay(settings: Settings, topic: str) -> dict[str, int]:
     written before the replay started: a copy that fails again and comes back is left for
     the next replay, instead of going round for ever."""
     started_ms = int(time.time() * 1000)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": f"{topic}.replay", "enable.auto.commit": False,
-                         "auto.offset.reset": "earliest"})
-    producer = Producer(producer_config(settings))
+    consumer = make_reader(settings, f"{topic}.replay", **{"auto.offset.reset": "earliest"})
+    producer = make_producer(settings)
     failures: list[str] = []
     counts = {"replayed": 0, "not_replayable": 0}
     done: set[int] = set()

@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 
 import redis
 import structlog
-from confluent_kafka import Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaException, TopicPartition
 from elasticsearch import Elasticsearch
 
+from outbox.kafka import make_admin, make_reader
 from outbox.wire_formats import event_topic
 from projectors.runtime import ConsumerRuntime, Projector, live_group
 from projectors.settings import ProjectorSettings, RuntimeSettings
@@ -62,8 +62,7 @@ class RebuildRefused(RuntimeError):
 def committed(settings: RuntimeSettings, group: str, topics: list[str]
               ) -> dict[tuple[str, int], int]:
     """The committed offset of `group` on every partition of `topics` (0 where none)."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
-                         "enable.auto.commit": False})
+    consumer = make_reader(settings, group)
     try:
         parts = []
         metadata = consumer.list_topics(timeout=10).topics
@@ -78,7 +77,7 @@ def committed(settings: RuntimeSettings, group: str, topics: list[str]
 
 def live_members(settings: RuntimeSettings, group: str) -> int:
     """How many consumers `group` has now (assumed some when the broker cannot say)."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = make_admin(settings)
     try:
         described = admin.describe_consumer_groups([group])[group].result(timeout=10)
     except KafkaException:

@@ -29,13 +29,12 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 
 from outbox import tracing
 from outbox.envelope import EventEnvelope
-from outbox.kafka import TopicManager, consumer_config, dlq_topic, producer_config
+from outbox.kafka import TopicManager, dlq_topic, make_consumer, make_producer
 from outbox.readiness import CachedProbes, Probe, kafka_probe, missing, ok, readiness_report
 from outbox.wire_formats import decode_record, event_topic
 from projectors.apply_spans import end_apply_spans, note_retry, start_apply_spans, traceparent
@@ -102,12 +101,12 @@ class ConsumerRuntime:
         self._probes = CachedProbes({"broker": kafka_probe(settings), **(sink_probes or {})})
         self._dlq_errors: list[str] = []
         self.at_end: set[tuple[str, int]] = set()
-        self._consumer = Consumer(consumer_config(
+        self._consumer = make_consumer(
             settings, self.group_id, settings.projector_session_timeout_ms,
             **{"max.poll.interval.ms": settings.projector_max_poll_interval_ms,
                "fetch.wait.max.ms": settings.projector_fetch_wait_max_ms},
-            **({"enable.partition.eof": True} if track_end else {})))
-        self._dlq = Producer(producer_config(settings))
+            **({"enable.partition.eof": True} if track_end else {}))
+        self._dlq = make_producer(settings)
         self._topic_admin = TopicManager(settings)
 
     def health(self) -> dict[str, object]:

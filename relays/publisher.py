@@ -57,11 +57,10 @@ class BatchPublisher:
         self._settings = settings
         self._routes: dict[str, Route] = {}
         self.observe_latency = observe_latency
+        # The relay's producer settings (no timeout, failures-only reports, its queue
+        # bounds) are the `relay` role of outbox/kafka.py; only the callbacks are added here.
         self._producer = producer_factory(producer_config(
-            settings,
-            **{"message.timeout.ms": 0, "delivery.report.only.error": True,
-               "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 65_536,
-               "on_delivery": self._on_failed_delivery, "error_cb": self._on_error}))
+            settings, "relay", on_delivery=self._on_failed_delivery, error_cb=self._on_error))
         self._topics = TopicManager(settings)
         self._stop_requested = stop_requested
         self._on_dead_letter = on_dead_letter

@@ -6,6 +6,9 @@ Failures and what the relay does about them:
 - A fatal producer (fenced): the producer is replaced and publishing resumes from the last
   acknowledged position.
 - The publication changed under the slot: the slot is recreated with a backfill.
+- The publication is missing or no longer covers the outbox, and the relay's role may not
+  repair it: `publication_missing` on /healthz (not ready on /readyz) with the command that
+  fixes it (`outbox migrate` as the owner); checked every `PUBLICATION_RETRY_S`.
 - A schema change the relay cannot decode: it stops publishing, reports `schema_mismatch`
   on /healthz (and not ready on /readyz) with the reason, logs it, and tries again every
   `SCHEMA_RETRY_S` (the process stays up: no crash loop, the slot keeps its position).
@@ -54,6 +57,7 @@ from relays.metrics import (
 from relays.poll import PollRelay
 from relays.publisher import BatchPublisher, ProducerFatal, PublishError
 from relays.replication import ReplicationError
+from relays.slot import PublicationMissing
 from relays.stats import StatsSampler
 
 log = structlog.get_logger(__name__)
@@ -63,6 +67,8 @@ MODES = ("logical", "poll")
 # writes (a healthy broker acknowledges a full batch within a few seconds).
 ACK_STALL_S = 15.0
 SCHEMA_RETRY_S = 30.0
+# The owner's `outbox migrate` repairs a missing publication in a second: look again soon.
+PUBLICATION_RETRY_S = 2.0
 # The main loop turns at least every SCHEMA_RETRY_S, and a producer moves every thousand
 # messages or waits for acknowledgements (an outage, not a stall): ten minutes without
 # either is a call that will not return.
@@ -102,7 +108,7 @@ class RelayProcess:
         self.last_batch_at: float | None = None
         self.failing_since: float | None = None  # first of the current run of errors
         self.last_error: str | None = None
-        self.problem: str | None = None  # a condition that needs a person: schema_mismatch
+        self.problem: str | None = None  # needs a person: schema_mismatch, publication_missing
         self.producers_replaced = 0
         self.publishing = False  # the leader's slot (poll: outbox) is set up and read
         self._loop_at = time.monotonic()
@@ -250,6 +256,14 @@ class RelayProcess:
                 log.error("relay_schema_mismatch", error=str(exc),
                           action=f"publishing stopped; retrying in {SCHEMA_RETRY_S:.0f}s")
                 self.stop.wait(SCHEMA_RETRY_S)
+            except PublicationMissing as exc:
+                self.publishing = False
+                self._fail(exc)
+                if self.problem != "publication_missing":  # said once, not every retry
+                    log.error("relay_publication_missing", error=str(exc),
+                              action="waiting for the owner's `outbox migrate`")
+                self.problem = "publication_missing"
+                self.stop.wait(PUBLICATION_RETRY_S)
             except PublicationChanged as exc:
                 self.publishing = False
                 self._fail(exc)

@@ -13,6 +13,9 @@ had inserts the stream will never carry. The backfill of a recreated slot starts
 `relay_backfill_margin_s` before the last acknowledged commit, so only a transaction open
 longer than that margin could be missed; rows already published in that window are sent
 again (duplicates, never loss).
+
+The publication is the owner's (the third core migration makes it, `outbox migrate`
+repairs it): a least-privileged relay only checks it, and waits while it is missing.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from psycopg.rows import dict_row
 
 from outbox.db import ReconnectingConnection
 from outbox.pg_names import OUTBOX_TABLE, publication_name, slot_name
+from outbox.publication import ensure_publication_sql
 from outbox.settings import Settings
 from relays.metrics import SLOT_RECREATIONS
 from relays.publisher import BatchPublisher
@@ -33,6 +37,11 @@ from relays.record import SELECT_LIST, record_from_row
 from relays.replication import ReplicationConnection, lsn_to_int
 
 log = structlog.get_logger(__name__)
+
+
+class PublicationMissing(RuntimeError):
+    """The publication does not publish the outbox's inserts and the relay's role may not
+    create or repair it: the relay waits, not ready, until the owner's `outbox migrate`."""
 
 
 @dataclass(frozen=True)
@@ -89,21 +98,29 @@ class SlotKeeper:
         return f"{row[0]}:{row[3] or 'all'}:{table_oid[0] if table_oid else '-'}"
 
     def ensure_publication(self) -> str:
-        """Make the publication publish the outbox's inserts (creating or repairing it);
-        return its fingerprint."""
-        conn = self.conn
-        exists = conn.execute("select pubinsert from pg_publication where pubname = %s",
-                              (self.publication,)).fetchone()
-        if exists is None:
-            conn.execute(f'create publication "{self.publication}" for table {self._table}'
-                         " with (publish = 'insert')")
-            log.info("publication_created", publication=self.publication)
-        elif self.fingerprint() is None:
-            if not exists[0]:
-                conn.execute(f"alter publication \"{self.publication}\" set (publish = 'insert')")
-            else:
-                conn.execute(f'alter publication "{self.publication}" add table {self._table}')
+        """The publication's fingerprint, once it publishes the outbox's inserts. The
+        migration made it; when it was dropped or changed since, a relay whose role owns the
+        outbox repairs it, and any other raises PublicationMissing (the owner's `outbox
+        migrate` repairs it)."""
+        fingerprint = self.fingerprint()
+        if fingerprint is not None:
+            return fingerprint
+        existed = self.conn.execute("select 1 from pg_publication where pubname = %s",
+                                    (self.publication,)).fetchone() is not None
+        try:
+            self.conn.execute(ensure_publication_sql(self.schema))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            role = self.conn.info.user
+            raise PublicationMissing(
+                f"the publication {self.publication} "
+                f"{'no longer publishes' if existed else 'is missing, so nothing publishes'}"
+                f" the inserts into {self._table}, and the relay's role {role} may not "
+                f"{'alter' if existed else 'create'} it ({exc.diag.message_primary}): run "
+                "`outbox migrate` as the schema's owner (the relay then resumes)") from exc
+        if existed:
             log.warning("publication_repaired", publication=self.publication)
+        else:
+            log.info("publication_created", publication=self.publication)
         fingerprint = self.fingerprint()
         assert fingerprint is not None
         return fingerprint

@@ -15,7 +15,10 @@ from sqlalchemy.engine import Engine
 from app.settings import AppSettings
 from tests.auth import API_KEYS
 
-REQUIRED = ("OUTBOX_DATABASE_URL", "OUTBOX_KAFKA_BOOTSTRAP", "OUTBOX_S3_ENDPOINT", "OUTBOX_ES_URL")
+# The owner's URL (migrations, what only an owner may do) and the process roles' URLs (the
+# processes under test run as those: tests/db_roles.py).
+REQUIRED = ("OUTBOX_DATABASE_URL", "OUTBOX_KAFKA_BOOTSTRAP", "OUTBOX_S3_ENDPOINT", "OUTBOX_ES_URL",
+            "STACK_APP_DATABASE_URL", "STACK_RELAY_DATABASE_URL")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -88,10 +91,13 @@ def redis_client(base_settings: AppSettings) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def migrated(settings: AppSettings) -> AppSettings:
-    """This test's settings, with the migrations applied to its schema."""
+    """This test's settings (the owner's), with the migrations applied to its schema and the
+    process roles' grants (`outbox grants`) to it."""
     from outbox.migrate import migrate
+    from tests.db_roles import apply_grants
 
     migrate(settings)
+    apply_grants(settings)
     return settings
 
 
@@ -115,12 +121,14 @@ def api_settings(migrated: AppSettings) -> AppSettings:
 
 @pytest.fixture
 def api(api_settings: AppSettings) -> Iterator:
-    """The HTTP API in process (real PostgreSQL and S3 behind it)."""
+    """The HTTP API in process (real PostgreSQL and S3 behind it), as the application's
+    role."""
     from fastapi.testclient import TestClient
 
     from app.api.app import create_app
+    from tests.db_roles import as_app
 
-    app = create_app(api_settings)
+    app = create_app(as_app(api_settings))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
     app.state.ctx.engine.dispose()
@@ -135,7 +143,8 @@ def relay_settings(migrated: AppSettings) -> AppSettings:
 
 @pytest.fixture
 def relays(relay_settings: AppSettings, tmp_path) -> Iterator:
-    """Start relay processes; all are stopped, and the slot dropped, after the test."""
+    """Start relay processes (as the relay's role unless OUTBOX_DATABASE_URL is given); all
+    are stopped, and the slot dropped, after the test."""
     from tests.relay_harness import RelayProc, drop_slot_and_publication
 
     started: list[RelayProc] = []

@@ -13,16 +13,18 @@ from tests.pipeline_harness import wait_for
 class OwnRedis:
     """A redis-server of the test's own on 127.0.0.1, started and stopped by its PID."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
+        """`options`: more redis-server arguments (e.g. "--maxmemory-policy", "allkeys-lru")."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.proc: subprocess.Popen | None = None
+        self.options = options
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+             "--appendonly", "no", *self.options], stdout=subprocess.DEVNULL)
         wait_for(self._pings, timeout_s=10, interval_s=0.05, what="redis up")
 
     def _pings(self) -> bool:

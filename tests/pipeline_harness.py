@@ -1,5 +1,6 @@
 """Running the whole pipeline in one test process: the relay and the four projectors on
-threads, each with its own stop event, against the real services."""
+threads, each with its own stop event, against the real services, the relay as the relay's
+role and the projectors as the application's."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from projectors.runtime import ConsumerRuntime
 from projectors.views.task_cache import TaskCache
 from relays.runner import RelayProcess
 from tests.auth import API_KEYS
+from tests.db_roles import apply_grants, as_app, as_relay
 from tests.relay_harness import drop_slot_and_publication
 
 PROJECTOR_NAMES = ("ocr", "embed", "search", "cache")
@@ -52,7 +54,7 @@ class Pipeline:
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start_relay(self) -> None:
-        self.relay = RelayProcess(self.settings, "logical")
+        self.relay = RelayProcess(as_relay(self.settings), "logical")
         t = threading.Thread(target=self.relay.run, daemon=True)
         t.start()
         self.threads.append(t)
@@ -61,7 +63,7 @@ class Pipeline:
 
     def start_projector(self, name: str, group_id: str | None = None,
                         settings: AppSettings | None = None) -> ConsumerRuntime:
-        rt = build_runtime(settings or self.settings, name, group_id=group_id)
+        rt = build_runtime(as_app(settings or self.settings), name, group_id=group_id)
         t = threading.Thread(target=rt.run, daemon=True, name=f"projector-{name}")
         t.start()
         self.threads.append(t)
@@ -83,8 +85,8 @@ class Pipeline:
 
 @contextmanager
 def isolated_settings(tag: str) -> Iterator[AppSettings]:
-    """Settings whose schema (migrated), topics, index and Redis keys belong to the caller;
-    all of it removed afterwards."""
+    """Settings (the owner's) whose schema (migrated, the process roles granted), topics,
+    index and Redis keys belong to the caller; all of it removed afterwards."""
     uid = uuid.uuid4().hex[:8]
     s = AppSettings(db_schema=f"{tag}_{uid}", topic_prefix=f"{tag}{uid}",
                     es_index=f"{tag}{uid}-images", redis_prefix=f"{tag}{uid}",
@@ -92,6 +94,7 @@ def isolated_settings(tag: str) -> Iterator[AppSettings]:
                     projector_session_timeout_ms=6000, projector_batch_size=50,
                     relay_poll_interval_s=0.2, max_upload_bytes=2_000_000)
     migrate(s)
+    apply_grants(s)
     s3 = s3_client(s)
     s3.create_bucket(Bucket=s.s3_bucket)
     try:

@@ -25,6 +25,7 @@ from app.settings import AppSettings
 from outbox import emit
 from outbox.db import libpq_dsn
 from outbox.pg_names import publication_name, slot_name
+from tests.db_roles import RELAY_URL, role_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,17 +159,21 @@ def order_violations(versions: dict[str, list[int]]) -> list[str]:
 
 
 class RelayProc:
-    """`outbox relay` as a child process with its own settings."""
+    """`outbox relay` as a child process with its own settings, connected as the relay's
+    role (an OUTBOX_DATABASE_URL in `extra_env` overrides it)."""
 
     def __init__(self, settings: AppSettings, mode: str, log_path: Path, **extra_env: str):
-        env = {**os.environ, **settings_env(settings), **extra_env}
+        # --log-level, not a setting: an unknown OUTBOX_ variable would stop the relay.
+        log_level = extra_env.pop("OUTBOX_LOG_LEVEL", "INFO")
+        env = {**os.environ, **settings_env(settings),
+               "OUTBOX_DATABASE_URL": role_url(RELAY_URL), **extra_env}
         self.settings = settings
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "outbox.cli", "relay", "--mode", mode, "--log-level",
-             extra_env.get("OUTBOX_LOG_LEVEL", "INFO"),
+             log_level,
              "--metrics-port", str(self.port)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 

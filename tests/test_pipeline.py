@@ -21,6 +21,7 @@ from outbox.db import make_engine
 from outbox.kafka import dlq_topic
 from outbox.tables import outbox_table
 from tests.auth import AUTH_A
+from tests.db_roles import as_app
 from tests.images import undecodable_png, upload
 from tests.pipeline_harness import (
     PROJECTOR_NAMES,
@@ -44,7 +45,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def api(cfg):
-    app = create_app(cfg)
+    app = create_app(as_app(cfg))  # the application's role, as in production
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 

@@ -14,15 +14,18 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import requests
 from confluent_kafka import KafkaError, Producer
 from kafka import KafkaConsumer
 
 from outbox import emit
 from outbox.db import libpq_dsn
 from outbox.kafka import dlq_topic, topic_name
+from outbox.migrate import migrate
 from outbox.pg_names import publication_name, slot_name
 from relays.publisher import BatchPublisher
 from relays.runner import RelayProcess
+from tests.db_roles import as_relay
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
     create_counter_table,
@@ -63,35 +66,68 @@ def _streaming(relay) -> None:
     wait_for(lambda: _slot(relay.settings)[0] is not None, what="the slot exists")
 
 
+def _waits_for_the_owner(relay) -> None:
+    """The least-privileged relay may not repair the publication: it says so, not ready,
+    naming the command that fixes it, and stays up."""
+    wait_for(lambda: (relay.health() or {}).get("status") == "publication_missing",
+             timeout_s=60, what="the relay reports the publication missing")
+    ready = requests.get(f"http://127.0.0.1:{relay.port}/readyz", timeout=2)
+    assert ready.status_code == 503
+    assert "run `outbox migrate` as the schema's owner" in ready.text
+    assert "must be owner of publication" in ready.text or "permission denied" in ready.text
+    assert b"relay_publication_missing" in relay.log_path.read_bytes()
+    assert relay.proc.poll() is None
+
+
 def test_a_table_that_leaves_the_publication_loses_nothing(relay_settings, engine, relays):
     relay = relays("logical")
     _streaming(relay)
     first = _emit(engine, 3, "before")
     read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), first)
-    with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:
+    with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:  # the owner
         conn.execute(f'alter publication "{publication_name(relay_settings.db_schema)}" '
                      f'drop table "{relay_settings.db_schema}".outbox')
     gap = _emit(engine, 5, "gap")
     time.sleep(3 * relay_settings.relay_heartbeat_s)  # heartbeats come and go meanwhile
+    _waits_for_the_owner(relay)
+    migrate(relay_settings)  # the owner's repair
     after = _emit(engine, 2, "after")
     got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings),
                      first | gap | after, timeout_s=60)
     assert gap <= set(got.ids), f"lost {len(gap - set(got.ids))} of the gap's rows"
     assert after <= set(got.ids)
     assert b"publication_changed" in relay.log_path.read_bytes()
-    assert relay.proc.poll() is None
+    wait_for(lambda: relay.health()["status"] == "ok", timeout_s=30, what="healthy again")
 
 
-def test_a_dropped_publication_is_made_again_and_its_gap_published(relay_settings, engine,
-                                                                    relays):
+def test_a_dropped_publication_waits_for_the_owner_and_its_gap_is_published(
+        relay_settings, engine, relays):
     relay = relays("logical")
+    _streaming(relay)
+    with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:  # the owner
+        conn.execute(f'drop publication "{publication_name(relay_settings.db_schema)}"')
+    gap = _emit(engine, 5, "gap")
+    _waits_for_the_owner(relay)
+    migrate(relay_settings)  # made again: the relay sees a new publication, new slot
+    got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), gap, timeout_s=60)
+    assert set(got.ids) == gap
+    assert b"slot_recreating" in relay.log_path.read_bytes()
+    # And the stream flows again afterwards.
+    later = _emit(engine, 2, "later")
+    assert later <= set(read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings),
+                                   later, timeout_s=30).ids)
+
+
+def test_a_relay_that_owns_the_outbox_makes_a_dropped_publication_again(relay_settings,
+                                                                        engine, relays):
+    relay = relays("logical", OUTBOX_DATABASE_URL=relay_settings.database_url)
     _streaming(relay)
     with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:
         conn.execute(f'drop publication "{publication_name(relay_settings.db_schema)}"')
     gap = _emit(engine, 5, "gap")
     got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), gap, timeout_s=60)
     assert set(got.ids) == gap
-    # And the stream flows again afterwards.
+    assert b"publication_created" in relay.log_path.read_bytes()
     later = _emit(engine, 2, "later")
     assert later <= set(read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings),
                                    later, timeout_s=30).ids)
@@ -235,7 +271,7 @@ def _in_process_relay(settings, producer_cls) -> tuple[RelayProcess, threading.T
     def factory(*args, **kwargs):
         return BatchPublisher(*args, producer_factory=producer_cls, **kwargs)
 
-    relay = RelayProcess(settings, "logical", publisher_factory=factory)
+    relay = RelayProcess(as_relay(settings), "logical", publisher_factory=factory)
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     wait_for(lambda: relay.leader, what="leader")

@@ -22,6 +22,7 @@ from tests.relay_harness import (
     order_violations,
     read_topic,
     stack,
+    superuser,
     write_load,
 )
 
@@ -150,9 +151,10 @@ def test_leader_that_loses_its_lock_stays_in_the_election(mode, relay_settings, 
     first.wait_role("leader")
     second = relays(mode)
     second.wait_role("standby")
-    # End the session that holds the leader's advisory lock, as a database restart would.
+    # End the session that holds the leader's advisory lock, as a database restart would
+    # (an administrator's step: the relay's session is not the owner's to end).
     lock_key = relay_lock_name(relay_settings.db_schema)
-    with psycopg.connect(libpq_dsn(relay_settings), autocommit=True) as conn:
+    with superuser() as conn:
         ended = conn.execute(
             "select count(pg_terminate_backend(pid)) from pg_locks where locktype = 'advisory'"
             " and granted and ((classid::bigint << 32) | objid::bigint)"

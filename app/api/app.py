@@ -21,7 +21,7 @@ from app.api.search import search_router
 from app.api.status_page import status_router
 from app.settings import AppSettings, get_app_settings
 from app.trace import ImageTrace
-from images.storage import s3_client
+from images.storage import presigning_client, s3_client
 from outbox.db import make_engine
 from outbox.readiness import CachedProbes, readiness_report
 from projectors.sink_probes import store_probes
@@ -47,6 +47,7 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
         settings=settings,
         engine=engine,
         s3=s3,
+        presigner=presigning_client(settings),
         keys=ApiKeys(settings.api_keys.get_secret_value()),
         search=SearchReader(es, settings.es_index, query_vector),
         tasks=TaskCache(settings, client),

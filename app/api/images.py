@@ -39,6 +39,7 @@ class ApiContext:
     settings: AppSettings
     engine: Engine
     s3: BaseClient
+    presigner: BaseClient  # signs the URLs clients use (the public endpoint)
     keys: ApiKeys
     search: SearchReader
     tasks: TaskCache
@@ -102,7 +103,7 @@ def image_router(ctx: ApiContext) -> APIRouter:
         image_id = uuid.uuid4()
         key = object_key(org, str(image_id))
         ttl = min(settings.upload_url_ttl_s, MAX_URL_TTL_S)
-        post = presigned_post(ctx.s3, settings, key=key, content_type=body.content_type,
+        post = presigned_post(ctx.presigner, settings, key=key, content_type=body.content_type,
                               size=body.size, expires_in=ttl)
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
         metadata = body.metadata.model_dump(exclude_none=True) if body.metadata else None

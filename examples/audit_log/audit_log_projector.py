@@ -4,14 +4,16 @@ Every event of the configured aggregate types becomes one row of `audit_log`, ke
 event id: a redelivered event adds nothing. A lost connection to that database is an
 outage the runtime waits out, with the partitions paused; `/readyz` probes the database.
 
-Settings (environment): `AUDIT_LOG_DATABASE_URL` (a SQLAlchemy URL), and
-`AUDIT_LOG_AGGREGATE_TYPES` (comma-separated), plus the runtime's `OUTBOX_*` ones.
+Settings (environment): `AUDIT_LOG_DATABASE_URL` (a SQLAlchemy URL, required; or
+`AUDIT_LOG_DATABASE_URL_FILE`, a file holding it), and `AUDIT_LOG_AGGREGATE_TYPES`
+(comma-separated), plus the runtime's `OUTBOX_*` ones.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Annotated
 
 import psycopg
 import sqlalchemy.exc
@@ -32,6 +34,7 @@ from sqlalchemy.engine import make_url
 
 from outbox.envelope import EventEnvelope
 from outbox.readiness import Probe, postgres_probe
+from outbox.settings_sources import SECRET
 from projectors.settings import RuntimeSettings
 from projectors.spec import ProjectorSpec, StopCheck
 
@@ -58,8 +61,8 @@ class AuditLogSettings(RuntimeSettings):
 
     model_config = SettingsConfigDict(populate_by_name=True)
 
-    audit_log_database_url: str = Field(
-        default="postgresql+psycopg://outbox:outbox@127.0.0.1:15432/outbox_audit",
+    audit_log_database_url: Annotated[str, SECRET] = Field(
+        description="SQLAlchemy URL of the audit log's database",
         validation_alias=AliasChoices("audit_log_database_url", "AUDIT_LOG_DATABASE_URL"))
     audit_log_aggregate_types: str = Field(
         default="image",

@@ -23,7 +23,7 @@ from outbox.envelope import EventEnvelope
 from outbox.tracking import claim_event
 from projectors.apply_spans import applying
 from projectors.runtime import BatchInterrupted
-from projectors.settings import ProjectorSettings
+from projectors.settings import WorkerSettings
 from projectors.workers.ocr_engine import (
     OcrResult,
     engine_version,
@@ -46,7 +46,7 @@ class OcrWorker:
     name = "ocr"
     aggregate_types: Sequence[str] = ("image",)
 
-    def __init__(self, settings: ProjectorSettings, engine: Engine, s3: BaseClient,
+    def __init__(self, settings: WorkerSettings, engine: Engine, s3: BaseClient,
                  should_stop: Callable[[], bool] = lambda: False) -> None:
         self._settings = settings
         self._engine = engine

@@ -26,6 +26,7 @@ from images.tables import image_table
 from outbox.db import make_engine
 from outbox.kafka import topic_name
 from tests.auth import AUTH_A
+from tests.db_roles import as_app
 from tests.faults.dead_letters import dead_letters
 from tests.faults.load import committed_ids
 from tests.faults.report import Outcome, scale
@@ -140,7 +141,7 @@ def pipeline_run(tag: str, *, threads: tuple[str, ...] = PROJECTOR_NAMES,
             p.start_relay()
             for name in threads:
                 p.start_projector(name, settings=(overrides or {}).get(name))
-            with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+            with TestClient(create_app(as_app(settings)), raise_server_exceptions=False) as api:
                 yield PipelineRun(settings, p, api, engine)
         finally:
             p.stop()

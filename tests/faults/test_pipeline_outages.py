@@ -25,6 +25,7 @@ from app.reconciler import Reconciler
 from images.storage import s3_client
 from outbox.envelope import EventEnvelope
 from outbox.kafka import topic_name
+from tests.db_roles import APP_URL, role_url
 from tests.faults.pipeline_run import S, pipeline_run
 from tests.faults.proxies import CuttableTcpProxy, OverloadedSearchProxy
 from tests.faults.report import scale
@@ -115,10 +116,12 @@ def test_bucket_unreachable_during_ocr(record, base_settings):
 
 
 class OcrProcess:
-    """`outbox project ocr` as a child process, its log in a file of its own per start."""
+    """`outbox project ocr` as a child process (the application's role), its log in a file
+    of its own per start."""
 
     def __init__(self, settings, log_dir, **env: str) -> None:
-        self._env = {**os.environ, **settings_env(settings), **env}
+        self._env = {**os.environ, **settings_env(settings),
+                     "OUTBOX_DATABASE_URL": role_url(APP_URL), **env}
         self._dir = log_dir
         self.logs: list = []
         self.proc: subprocess.Popen | None = None
