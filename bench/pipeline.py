@@ -423,15 +423,21 @@ def concurrency_speedup(count: int, rounds: int) -> dict[str, Any]:
 def render_markdown(r: dict[str, Any]) -> str:
     """A readable summary of one run."""
     o, p = r["outbox_overhead"], r["pipeline"]
+    m, fi = o["message"], o["function_vs_insert"]
     lines = ["# Pipeline benchmark", "",
              f"Machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}.", "",
              f"## Outbox overhead ({o['clients']} clients, {o['rounds']} pairs of "
              f"{o['seconds_per_run']} s runs)", "",
              "| transactions | per s (median) |", "|---|---|",
              f"| update one row | {o['tx_per_s_without']:,} |",
-             f"| update one row + `emit` | {o['tx_per_s_with_emit']:,} |", "",
-             f"Ratio, pair by pair: **{o['ratio']}** (spread {o['ratio_spread'][0]}-"
-             f"{o['ratio_spread'][1]}).", "",
+             f"| update one row + `emit` (table mode) | {o['tx_per_s_with_emit']:,} |",
+             f"| update one row + `emit` (message mode) | {m['tx_per_s_with_emit']:,} |",
+             f"| update one row + its own outbox INSERT | {fi['tx_per_s_insert']:,} |", "",
+             "Ratios against no event, pair by pair: table mode "
+             f"**{o['ratio']}** (spread {o['ratio_spread'][0]}-{o['ratio_spread'][1]}), "
+             f"message mode **{m['ratio']}** (spread {m['ratio_spread'][0]}-"
+             f"{m['ratio_spread'][1]}). `emit` through `outbox_emit` against its own INSERT: "
+             f"{fi['ratio']} (spread {fi['ratio_spread'][0]}-{fi['ratio_spread'][1]}).", "",
              "## Upload to searchable", "",
              "| phase | images | images/s | p50 s | p95 s | max s | upload+confirm | queue->OCR "
              "| OCR | ->embedded | ->searchable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
