@@ -80,9 +80,7 @@ def _print_status(status: dict) -> None:
         ("retained WAL (bytes)", str(slot.get("retained_wal_bytes", "-"))),
         ("publication", f"{status['publication']['name']}: "
                         f"{', '.join(status['publication']['tables']) or '(no tables)'}"),
-        ("leader", "(none)" if leader is None else
-         f"pid {leader['pid']} {leader['application_name'] or ''} "
-         f"{leader['client_addr'] or 'local'} since {leader['backend_start']:%Y-%m-%d %H:%M:%S}"),
+        ("leader", "(none)" if leader is None else _leader(leader)),
         ("acknowledged", f"{ack.get('acked_lsn', '-')} (commit {ack.get('acked_commit_at')})"),
         ("waiting (estimate)", "not counted: no outbox rows in message mode, see the "
                                "slot's lag" if status["estimate_note"] else
@@ -93,6 +91,16 @@ def _print_status(status: dict) -> None:
     Console().print(table)
     for problem in status["problems"]:
         print(f"attention: {problem}")
+
+
+def _leader(leader: dict) -> str:
+    """The leader's session. Another role's session shows its pid only, unless the role
+    reading it has pg_read_all_stats (PostgreSQL hides the rest)."""
+    if leader["backend_start"] is None:
+        return f"pid {leader['pid']} (details hidden: grant pg_read_all_stats to see them)"
+    return (f"pid {leader['pid']} {leader['application_name'] or ''} "
+            f"{leader['client_addr'] or 'local'} since "
+            f"{leader['backend_start']:%Y-%m-%d %H:%M:%S}")
 
 
 def _cmd_drop(_: argparse.Namespace) -> int:
