@@ -32,6 +32,10 @@ log = structlog.get_logger(__name__)
 DLQ_SUFFIX = ".dlq.relay"
 # Reports that say the message was withdrawn by this process (a stop), not refused.
 _WITHDRAWN = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+# A broker error that says nothing about the message: retried with the batch (from the last
+# acknowledged position), never dead-lettered. Tansu answers it to a produce that races the
+# creation of its topic.
+_SAYS_NOTHING = {KafkaError.UNKNOWN}
 
 
 class PublishError(RuntimeError):
@@ -78,7 +82,8 @@ class BatchPublisher:
             return
         if err.fatal():
             self._fatal = str(err)
-        elif (msg.topic() or "").endswith(DLQ_SUFFIX) or err.retriable():
+        elif ((msg.topic() or "").endswith(DLQ_SUFFIX) or err.retriable()
+              or err.code() in _SAYS_NOTHING):
             self._failed.append(f"{msg.topic()}: {err}")
         else:
             self._refused.append((err, msg))

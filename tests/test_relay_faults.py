@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import requests
 from confluent_kafka import KafkaError, Producer
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer
 
 from outbox import emit
 from outbox.db import libpq_dsn
@@ -229,6 +229,27 @@ class BrokerRejectingProducerMock(Producer):
         super().produce(topic, value, key, **kwargs)
 
 
+class UnknownBrokerErrorOnceProducerMock(Producer):
+    """A real producer, except that the first value containing FLAKY is answered with
+    "Unknown broker error", as Tansu answers a produce that races its topic's creation (the
+    race cannot be produced on demand)."""
+
+    answered = threading.Event()
+
+    def __init__(self, config: dict) -> None:
+        self._report = config["on_delivery"]
+        super().__init__(config)
+
+    def produce(self, topic, value=None, key=None, **kwargs):
+        if value and b"FLAKY" in value and not self.answered.is_set():
+            self.answered.set()
+            self._report(KafkaError(KafkaError.UNKNOWN, "Unknown broker error", fatal=False,
+                                    retriable=False),
+                         _RefusedMessage(topic, key, value, kwargs.get("headers")))
+            return
+        super().produce(topic, value, key, **kwargs)
+
+
 class FencedProducerMock(Producer):
     """A real producer that reports a fatal error (as a fenced idempotent producer does)
     after `FENCE_AFTER` messages, once per test: the broker here cannot be made to fence."""
@@ -403,3 +424,23 @@ def test_relay_drop_retires_the_slot_without_loss_or_repeats(relay_settings, eng
                      first | pending | later)
     assert set(got.ids) == first | pending | later
     assert got.duplicates == 0  # poll mode did not publish the logical relay's rows again
+
+
+def test_an_unknown_broker_error_is_retried_not_dead_lettered(relay_settings, engine):
+    relay, thread = _in_process_relay(relay_settings, UnknownBrokerErrorOnceProducerMock)
+    try:
+        with engine.begin() as conn:
+            flaky = emit(conn, aggregate_type="counter", aggregate_id="a", type="t",
+                         payload={"note": "FLAKY"}, aggregate_version=1)
+        got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), {str(flaky)})
+        assert UnknownBrokerErrorOnceProducerMock.answered.is_set()
+        assert str(flaky) in got.ids
+    finally:
+        relay.stop.set()
+        thread.join(30)
+    dlq = dlq_topic(_topic(relay_settings), "relay")
+    admin = KafkaAdminClient(bootstrap_servers=relay_settings.kafka_bootstrap)
+    try:
+        assert dlq not in admin.list_topics(), "the event was dead-lettered"
+    finally:
+        admin.close()
