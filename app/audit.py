@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -152,11 +152,21 @@ class Auditor:
             yield rows
             last = getattr(rows[-1], order.name)
 
+    def row_findings(self, rows: Sequence[Any]) -> Iterator[Finding]:
+        """The view, task-cache and log findings of these image rows only (each with id,
+        org_id, state, version and updated_at), in ranges of `batch`: the continuous
+        audit's pass."""
+        ranges = (rows[i:i + self._batch] for i in range(0, len(rows), self._batch))
+        return self._guarded(lambda: self._judge_rows(ranges))
+
     def _rows_against_views(self) -> Iterator[Finding]:
-        partitions, floors = log_floor(self._settings)
         t = image_table.c
         cols = [t.id, t.org_id, t.state, t.version, t.updated_at]
-        for rows in self._rows(t.id, cols):
+        yield from self._judge_rows(self._rows(t.id, cols))
+
+    def _judge_rows(self, ranges: Iterable[Sequence[Any]]) -> Iterator[Finding]:
+        partitions, floors = log_floor(self._settings)
+        for rows in ranges:
             self.rows_read += len(rows)
             ids = [str(r.id) for r in rows]
             try:

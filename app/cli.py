@@ -29,8 +29,12 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconcile(args: argparse.Namespace) -> int:
-    """Repair images whose state deadline passed, every --interval seconds."""
+    """Repair images whose state deadline passed, every --interval seconds; audit a part of
+    the table and repair drift every OUTBOX_RECONCILER_AUDIT_INTERVAL_S; rebuild a lost view."""
+    import logging
+
     from app.reconciler import Reconciler
+    from app.reconciler_checks import round_checks
     from app.settings import get_app_settings
     from images.storage import s3_client
     from outbox.db import make_engine
@@ -39,10 +43,14 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     from projectors.sink_probes import store_probes
 
     configure_logging("reconciler", args.log_level)
+    # Each round asks the search server whether its alias exists: not worth a line a round.
+    logging.getLogger("elastic_transport").setLevel(logging.WARNING)
     settings = get_app_settings()
-    rec = Reconciler(settings, make_engine(settings), s3_client(settings))
+    engine, s3 = make_engine(settings), s3_client(settings)
+    rec = Reconciler(settings, engine, s3)
+    rec.checks = round_checks(settings, engine, s3, stop=rec.stop)
     if args.once:
-        print(json.dumps(rec.run_once()))
+        print(json.dumps(rec.run_once() + rec.run_checks()))
         return 0
     probes = CachedProbes(store_probes(settings, ("database", "s3")))
     return serve_until_stopped(rec.stop, rec.health, args.metrics_host, args.metrics_port,
@@ -118,7 +126,8 @@ def _print_audit(report: dict) -> None:
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild a projector's view from the log behind the live one, then switch the readers
-    to it (any installed projector whose spec declares a rebuild)."""
+    to it (any installed projector whose spec declares a rebuild). Exit 3 when another
+    rebuild of the view is running."""
     import sys
     import time
 
@@ -127,6 +136,7 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     from outbox.observability import configure_logging
     from projectors.discovery import ProjectorConflict, ProjectorNotFound, load_spec, load_specs
     from projectors.rebuild import Progress, RebuildRefused
+    from projectors.rebuild_lock import RebuildBusy
 
     try:
         spec = load_spec(args.view)
@@ -160,6 +170,9 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
         except InterruptedError as exc:
             print(f"outbox rebuild: {exc}", file=sys.stderr)
             return 130
+        except RebuildBusy as exc:  # the reconciler healing it, or another person
+            print(f"outbox rebuild: {exc}; try again once it is done", file=sys.stderr)
+            return 3
     print(json.dumps(summary))
     return 0
 

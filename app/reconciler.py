@@ -6,8 +6,8 @@ image in its own transaction with the same guarded transitions as everything els
 - `requested`: the object may exist with its confirmation lost; it is verified and the
   image moves on (`uploaded`/`ocr_pending`, or `rejected`); with no object it `expired`.
 - `uploaded` without metadata: `abandoned`, and its object deleted.
-- `ocr_running` (a worker died mid-attempt): back to `ocr_pending` for another attempt, or
-  `ocr_failed` once the attempts are spent.
+- `ocr_running` (a worker died mid-attempt): a crash, not an attempt (`after_crash`): back
+  to `ocr_pending`, or `ocr_failed` once OUTBOX_MAX_CRASHES crashes are spent.
 - `ocr_pending`, `embedding_pending` (the request was dead-lettered, or the worker is down
   or far behind): requeued, a new version with a new deadline and event, so at most once
   per deadline period; the worker acts on the newest version only.
@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
 import structlog
@@ -34,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from app.upload_verification import UploadMissing
 from app.uploads import settle_upload
-from images.policy import REQUEUE_EVENTS, ImageState
+from images.policy import REQUEUE_EVENTS, ImageState, after_crash
 from images.settings import ImageSettings
 from images.store import requeue, transition
 from images.tables import image_table, result_cache_table
@@ -54,6 +55,12 @@ FAILED_ROUNDS = PromCounter("outbox_reconciler_failed_rounds_total",
                             "rounds that failed (database or S3 error); the next round retries")
 LAST_SUCCESS = Gauge("outbox_reconciler_last_success_timestamp_seconds",
                      "Unix time at which the last round completed")
+FAILED_CHECKS = PromCounter("outbox_reconciler_failed_checks_total",
+                            "per-round checks that failed (a store unreachable); the next "
+                            "round retries", ["check"])
+# A per-round check (app/reconciler_checks.py): does its work if it has any, returns what it
+# did by kind.
+RoundCheck = Callable[[], Mapping[str, int]]
 # Created at zero, so an alert's increase() also sees the first requeue of a process.
 for _state in REQUEUE_EVENTS:
     REPAIRS.labels(_state.value, _state.value)
@@ -63,7 +70,8 @@ class Reconciler:
     """Repairs overdue images; `run_once` handles up to `batch` of them."""
 
     def __init__(self, settings: ImageSettings, engine: Engine, s3: BaseClient,
-                 batch: int = 100, count_states_every_s: float = 60.0) -> None:
+                 batch: int = 100, count_states_every_s: float = 60.0,
+                 checks: Sequence[tuple[str, RoundCheck]] = ()) -> None:
         self._settings = settings
         self._engine = engine
         self._s3 = s3
@@ -73,14 +81,17 @@ class Reconciler:
         self._count_states_every_s = count_states_every_s
         self._states_counted_at: float | None = None
         self.stop = threading.Event()
+        # Run after each round's deadline repairs, in order (app/reconciler_checks.py).
+        self.checks = list(checks)
         self.last_run_at: float | None = None
         self.last_error: str | None = None
 
     def health(self) -> dict[str, object]:
         """Report for `/healthz`: `failing` while the last round failed (the process is
-        alive all the same; `/readyz` checks PostgreSQL and the bucket)."""
+        alive all the same; `/readyz` checks PostgreSQL and the bucket). The error's text is
+        in the log only (it can name a user or a host)."""
         return {"status": "ok" if self.last_error is None else "failing",
-                "last_run_at": self.last_run_at, "last_error": self.last_error}
+                "last_run_at": self.last_run_at}
 
     def run_once(self) -> Counter[str]:
         """Repair what is due now; return how many images went to each state."""
@@ -160,9 +171,9 @@ class Reconciler:
                               {"last_error": "no metadata before the deadline"})
         if state in REQUEUE_EVENTS:
             return requeue(conn, row, settings)
-        spent = row["attempts"] >= settings.max_attempts
-        return transition(conn, row, S.OCR_FAILED if spent else S.OCR_PENDING, settings,
-                          {"last_error": "OCR attempt timed out"})
+        # `ocr_running` past its deadline: the worker died or hung, a crash, not an attempt.
+        target, changes = after_crash(row["attempts"], row["crashes"], settings)
+        return transition(conn, row, target, settings, changes)
 
     def _delete_object(self, key: str) -> None:
         try:
@@ -170,6 +181,18 @@ class Reconciler:
         except ClientError as exc:  # already gone is fine; anything else retries next round
             if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchKey"}:
                 raise
+
+    def run_checks(self) -> Counter[str]:
+        """Run the per-round checks; one that fails is logged and counted, the others still
+        run. Return what they did by kind."""
+        done: Counter[str] = Counter()
+        for name, check in self.checks:
+            try:
+                done.update(check())
+            except Exception as exc:  # a store unreachable: the next round retries
+                FAILED_CHECKS.labels(name).inc()
+                log.warning("reconcile_check_failed", check=name, error=str(exc)[:300])
+        return done
 
     def run(self, interval_s: float) -> int:
         """Repair every `interval_s` until `stop` is set."""
@@ -184,6 +207,9 @@ class Reconciler:
                 FAILED_ROUNDS.inc()
                 self.last_error = str(exc)[:300]
                 log.warning("reconcile_failed", error=self.last_error)
+            checked = self.run_checks()
+            if checked:
+                log.info("checked", **checked)
             self.last_run_at = time.time()
             self.stop.wait(interval_s)
         return 0

@@ -1,8 +1,8 @@
 """`outbox retry`: send failed images back to the work they failed at.
 
 Each retry is a guarded transition (`ocr_failed` -> `ocr_pending`, `embedding_failed` ->
-`embedding_pending`) with its event, the attempts counted from zero again; an image that
-moved on meanwhile, or is not failed, is skipped with the reason.
+`embedding_pending`) with its event, the attempts and crashes counted from zero again; an
+image that moved on meanwhile, or is not failed, is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def retry(engine: Engine, settings: ImageSettings, s3: BaseClient, ids: Iterable
             if target is None:
                 skipped[str(image_id)] = f"{row['state']} is not a failed state"
                 continue
-            changes: dict[str, object] = {"attempts": 0, "last_error": None}
+            changes: dict[str, object] = {"attempts": 0, "crashes": 0, "last_error": None}
             if target is ImageState.OCR_PENDING:
                 try:
                     changes["object_size"], changes["object_etag"] = verify_upload(

@@ -18,6 +18,7 @@ import psycopg
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from app.continuous_audit import audit_summary, persisting
 from app.log_positions import ThroughputMeter, committed_totals, log_positions
 from app.settings import AppSettings
 from images.policy import RETRYABLE, ImageState
@@ -144,6 +145,7 @@ def attention(report: dict[str, Any], max_lag_s: float) -> list[str]:
     for d in report["dead_letters"] or []:
         if d["not_replayed"]:
             found.append(f"dead letters not replayed in {d['topic']}: {d['not_replayed']}")
+    found += persisting(report.get("continuous_audit"))
     return found
 
 
@@ -213,7 +215,7 @@ class StatusCollector:
             "projectors": pipe["projectors"],
             "dead_letters": None if pipe["dead_letters"] is None
             else _letters_of(pipe["dead_letters"], org),
-            "images": None, "overdue": None, "failures": None,
+            "images": None, "overdue": None, "failures": None, "continuous_audit": None,
             "unavailable": dict(pipe["unavailable"]),
         }
         if any(s["ok"] for s in pipe["services"] if s["name"] == "database"):
@@ -223,6 +225,10 @@ class StatusCollector:
                 if isinstance(getattr(exc, "orig", None), psycopg.errors.UndefinedTable):
                     raise StatusIncomplete(_not_migrated(self._settings)) from exc
                 report["unavailable"]["images"] = _said(exc)
+            try:  # every org's: counts by kind only
+                report["continuous_audit"] = audit_summary(self._engine)
+            except Exception as exc:  # the database failing mid-query: say so, go on
+                report["unavailable"]["continuous audit"] = _said(exc)
         report["attention"] = attention(report, max_lag_s)
         report["healthy"] = not report["attention"]
         return report

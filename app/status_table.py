@@ -9,6 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from app.continuous_audit import persisting
+
 Row = tuple[str, str, str, str, bool]  # area, name, status, detail, needs attention
 
 
@@ -73,6 +75,22 @@ def _overdue_and_failed(report: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _continuous_audit(report: dict[str, Any]) -> list[Row]:
+    if "continuous audit" in report["unavailable"]:
+        return [("audit", "continuous", "unknown", report["unavailable"]["continuous audit"],
+                 True)]
+    a = report.get("continuous_audit")
+    if a is None:
+        return [("audit", "continuous", "no pass yet",
+                 "the reconciler runs one every OUTBOX_RECONCILER_AUDIT_INTERVAL_S", False)]
+    open_drift = ", ".join(f"{k} {n}" for k, n in sorted(a["open"].items())) or "none"
+    sweep = "-" if a["last_sweep_s"] is None else f"{a['last_sweep_s']:.0f} s"
+    return [("audit", "continuous", f"{a['passes']} passes",
+             f"last {a['last_pass_at'][:19]}Z, {a['last_pass_s']} s, {a['rows']} images; "
+             f"drift found: {open_drift}; last sweep of the table {sweep}",
+             bool(list(persisting(a))))]
+
+
 def _dead_letters(report: dict[str, Any]) -> list[Row]:
     if report["dead_letters"] is None:
         return []
@@ -93,7 +111,8 @@ def status_table(report: dict[str, Any]) -> Table:
     for col in ("area", "name", "status", "detail"):
         table.add_column(col, overflow="fold")
     sections = [_services(report), _relay(report, max_lag_s), _projectors(report, max_lag_s),
-                _images(report), _overdue_and_failed(report), _dead_letters(report)]
+                _images(report), _overdue_and_failed(report), _continuous_audit(report),
+                _dead_letters(report)]
     for rows in filter(None, sections):
         for area, name, status, detail, bad in rows:
             table.add_row(area, name, status, detail, style="red" if bad else None)

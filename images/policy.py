@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from images.settings import ImageSettings
 
@@ -97,3 +98,23 @@ def deadline_seconds(state: ImageState, settings: ImageSettings) -> int | None:
         S.OCR_DONE: settings.deadline_ocr_pending_s,
         S.EMBEDDING_PENDING: settings.deadline_embedding_pending_s,
     }.get(state)
+
+
+def after_crash(attempts: int, crashes: int, settings: ImageSettings
+                ) -> tuple[ImageState, dict[str, Any]]:
+    """Where an OCR attempt that ended with no result (its worker died or hung past the
+    `ocr_running` deadline) sends its image, and the changes to write.
+
+    A dead worker is not the image's fault: the attempt is given back and counted as a crash
+    instead, against the larger OUTBOX_MAX_CRASHES budget. The worker recognises an image
+    that crashed before on its own, so a later crash is that image's alone, and only an image
+    that keeps crashing the worker is failed."""
+    crashes += 1
+    changes: dict[str, Any] = {"attempts": max(attempts - 1, 0), "crashes": crashes}
+    if crashes >= settings.max_crashes:
+        return S.OCR_FAILED, {**changes, "last_error": (
+            f"crashed the OCR worker {crashes} times (no result before the ocr_running "
+            "deadline)")}
+    return S.OCR_PENDING, {**changes, "last_error": (
+        f"OCR attempt ended with no result (worker died or hung), crash {crashes} of "
+        f"{settings.max_crashes}; the next attempt runs alone")}

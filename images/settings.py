@@ -52,6 +52,11 @@ class ImageSettings(Settings):
     deadline_embedding_pending_s: int = Field(
         default=10 * 60, description="the reconciler re-drives an embedding not done after this")
     max_attempts: int = Field(default=3, description="OCR and embedding attempts per image")
+    max_crashes: int = Field(
+        default=5, ge=1,
+        description="OCR attempts per image that may end with no result (the worker died or "
+        "hung past OUTBOX_DEADLINE_OCR_RUNNING_S) before the image is ocr_failed; they do not "
+        "count against OUTBOX_MAX_ATTEMPTS")
     result_cache_retention_s: int = Field(
         default=30 * 86400,
         description="OCR and embedding results older than this are deleted (a miss only "

@@ -84,6 +84,7 @@ def image_document(row: Mapping[str, Any]) -> dict[str, Any]:
         "object_key": row["object_key"],
         "metadata": row["metadata"],
         "attempts": row["attempts"],
+        "crashes": row["crashes"],
         "last_error": row["last_error"],
         "ocr": row["ocr"],
         "embedding": row["embedding"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import Column, Index, MetaData, Table, func, text
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION, JSONB, UUID
 from sqlalchemy.types import BigInteger, DateTime, Integer, Text
 
 metadata = MetaData()
@@ -24,6 +24,8 @@ image_table = Table(
     Column("object_etag", Text),  # the verified object's: OCR reads that one or none
     Column("metadata", JSONB),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # OCR attempts cut short with no result (a worker died or hung), not charged as attempts.
+    Column("crashes", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),
     Column("ocr", JSONB),
     Column("embedding", JSONB),
@@ -36,6 +38,7 @@ image_table = Table(
     Index("image_org_listing_idx", "org_id", "created_at", "id"),
     Index("image_org_state_listing_idx", "org_id", "state", "created_at", "id"),
     Index("image_object_key_idx", "object_key"),
+    Index("image_updated_at_idx", "updated_at", "id"),  # the continuous audit's changed rows
 )
 
 # The journey of each image: one row per event, written with it, kept after the outbox row
@@ -64,4 +67,23 @@ result_cache_table = Table(
     Column("engine", Text, primary_key=True),
     Column("result", JSONB, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# Where the continuous audit stands, and its last pass's results (app/continuous_audit.py):
+# one row, made by the migration, shared by every reconciler.
+continuous_audit_table = Table(
+    "continuous_audit",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("watermark_at", DateTime(timezone=True)),
+    Column("watermark_id", UUID(as_uuid=True)),
+    Column("slice_after", UUID(as_uuid=True)),
+    Column("cycle_started_at", DateTime(timezone=True)),
+    Column("last_cycle_s", DOUBLE_PRECISION),
+    Column("last_pass_at", DateTime(timezone=True)),
+    Column("last_pass_s", DOUBLE_PRECISION),
+    Column("last_pass_rows", Integer, nullable=False, server_default=text("0")),
+    Column("passes", BigInteger, nullable=False, server_default=text("0")),
+    Column("open_drift", JSONB, nullable=False, server_default=text("'{}'")),
+    Column("drift_passes", JSONB, nullable=False, server_default=text("'{}'")),
 )

@@ -9,7 +9,9 @@ reconciler processes serve `/metrics`, `/healthz` and `/readyz` with `Observabil
   only add to it); 503 once it is stopping or its main loop is stalled. The body is the
   process's health report (its `status` says `failing`, `sink_unavailable`... as before).
 - `/readyz` is readiness: 200 only while the process is connected to what it needs, else 503
-  with the report naming what is missing (`missing`, and a check per dependency).
+  with the report naming what is missing (`missing`, and a check per dependency with its
+  `status` and a short `code`). Neither body carries an error's text (it can name a user or
+  a host): a change of a dependency's state is logged once, with the text.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from outbox.readiness import PublishedReadiness, missing
 from outbox.tracing import shutdown_tracing
 
 
@@ -71,7 +74,7 @@ class ObservabilityServer:
 
     `health`: the process's report; `unlive`: why the process is not alive (None while it
     is); `ready`: the readiness report, whose `ready` decides 200 or 503 (no `/readyz`
-    without it)."""
+    without it), served as `PublishedReadiness` shows it."""
 
     def __init__(self, host: str, port: int, health: Callable[[], Report],
                  ready: Callable[[], Report] | None = None,
@@ -90,6 +93,7 @@ class ObservabilityServer:
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         health, ready, unlive = self._health, self._ready, self._unlive
+        published = PublishedReadiness()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -101,7 +105,7 @@ class ObservabilityServer:
                         report = {**report, "live": False, "reason": reason}
                     self._json(200 if reason is None else 503, report)
                 elif self.path == "/readyz" and ready is not None:
-                    report = ready()
+                    report = published.publish(ready())
                     self._json(200 if report["ready"] else 503, report)
                 else:
                     self._send(404, b'{"error": {"code": "not_found"}}', "application/json")
@@ -156,8 +160,9 @@ def serve_until_stopped(
         report = ready()
         if not stop.is_set():
             return report
-        return {**report, "ready": False, "missing": [*report["missing"], "running"],
-                "checks": {**report["checks"], "running": {"ok": False, "error": "stopping"}}}
+        return {**report, "status": "not_ready", "ready": False,
+                "missing": [*report["missing"], "running"],
+                "checks": {**report["checks"], "running": missing("stopping")}}
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)

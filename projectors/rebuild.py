@@ -11,7 +11,8 @@ subclass (`SearchRebuild` and `CacheRebuild` are the built-in views').
 
 An interrupted rebuild (SIGTERM, SIGKILL) leaves its unfinished copy marked as such and its
 consumer group's offsets; running the command again resumes it. Readers never see an
-unfinished copy.
+unfinished copy. One rebuild of a view runs at a time (`projectors.rebuild_lock`): a second
+one, by hand or by the reconciler's healing of a lost view, is refused with `RebuildBusy`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from elasticsearch import Elasticsearch
 
 from outbox.kafka import make_admin, make_reader
 from outbox.wire_formats import event_topic
+from projectors.rebuild_lock import RebuildLock
 from projectors.runtime import ConsumerRuntime, Projector, live_group
 from projectors.settings import ProjectorSettings, RuntimeSettings
 from projectors.views.search import SearchProjector
@@ -112,7 +114,12 @@ class Rebuild:
 
     def run(self, verify: bool = False, keep_old: bool = False) -> dict[str, object]:
         """Build, switch, clean up; return a summary. Raises RebuildRefused when --verify
-        found drift (the copy is kept, unfinished, for inspection)."""
+        found drift (the copy is kept, unfinished, for inspection), RebuildBusy when another
+        process is rebuilding this view now."""
+        with RebuildLock(self.settings, self.view):
+            return self._run(verify, keep_old)
+
+    def _run(self, verify: bool, keep_old: bool) -> dict[str, object]:
         copy = self.prepare()
         group = f"{self.settings.topic_prefix}.{self.view}.rebuild.{copy.replace(':', '-')}"
         # Larger batches than the live projector's: a replay is throughput, not latency.
@@ -272,6 +279,7 @@ class CacheRebuild(Rebuild):
         self._old_generation = self.live.generation()
         self.live.copy_index_fields(new)
         self.redis.set(self.live.generation_key, int(copy[1:]))
+        self.redis.set(self.live.marker_key, copy)  # the cache is whole again
         self.redis.delete(self.live.building_key)
         time.sleep(GENERATION_TTL_S)  # until every writer follows the pointer
         log.info("cache_generation_switched", generation=copy)

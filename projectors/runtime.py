@@ -124,10 +124,12 @@ class ConsumerRuntime:
         no outage of one is being waited out."""
         checks = self._probes.results()
         checks["group"] = ok(assigned_partitions=self._assigned) if self._joined else \
-            missing("not yet a member of its consumer group", assigned_partitions=0)
+            missing("not_joined", "not yet a member of its consumer group",
+                    assigned_partitions=0)
         since = self.sink_unavailable_since
         checks["sink_writes"] = ok() if since is None else \
-            missing(f"a batch waits for an unreachable store since {since:.0f}")
+            missing("sink_unavailable",
+                    f"a batch waits for an unreachable store since {since:.0f}")
         return readiness_report(checks, projector=self.projector.name, group=self.group_id)
 
     def stalled(self) -> str | None:

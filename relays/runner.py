@@ -7,10 +7,10 @@ Failures and what the relay does about them:
   acknowledged position.
 - The publication changed under the slot: the slot is recreated with a backfill.
 - The publication is missing or no longer covers the outbox, and the relay's role may not
-  repair it: `publication_missing` on /healthz (not ready on /readyz) with the command that
-  fixes it (`outbox migrate` as the owner); checked every `PUBLICATION_RETRY_S`.
+  repair it: `publication_missing` on /healthz (not ready on /readyz), the log naming the
+  command that fixes it (`outbox migrate` as the owner); checked every `PUBLICATION_RETRY_S`.
 - A schema change the relay cannot decode: it stops publishing, reports `schema_mismatch`
-  on /healthz (and not ready on /readyz) with the reason, logs it, and tries again every
+  on /healthz (and not ready on /readyz), logs the reason, and tries again every
   `SCHEMA_RETRY_S` (the process stays up: no crash loop, the slot keeps its position).
 
 Liveness (/healthz) fails only when neither the main loop nor the producer moved for
@@ -36,6 +36,7 @@ from outbox.pg_names import relay_lock_name, slot_name
 from outbox.readiness import (
     CachedProbes,
     Check,
+    failure_code,
     kafka_probe,
     missing,
     ok,
@@ -107,7 +108,8 @@ class RelayProcess:
         self.leader = False
         self.last_batch_at: float | None = None
         self.failing_since: float | None = None  # first of the current run of errors
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # logged; /healthz shows `last_error_code` only
+        self.last_error_code: str | None = None
         self.problem: str | None = None  # needs a person: schema_mismatch, publication_missing
         self.producers_replaced = 0
         self.publishing = False  # the leader's slot (poll: outbox) is set up and read
@@ -128,7 +130,7 @@ class RelayProcess:
         return {"status": status, "mode": self.mode,
                 "role": "leader" if self.leader else "standby",
                 "last_batch_at": self.last_batch_at, "failing_since": self.failing_since,
-                "last_error": self.last_error}
+                "last_error_code": self.last_error_code}
 
     def readiness(self) -> dict[str, object]:
         """Report for `/readyz`: ready when PostgreSQL and the broker answer and, for the
@@ -147,13 +149,14 @@ class RelayProcess:
 
     def _publishing_check(self) -> Check:
         if self.problem is not None:
-            return missing(f"{self.problem}: {self.last_error}")
+            return missing(self.problem, f"{self.problem}: {self.last_error}")
         if (waited := self._ack_wait_s()) > ACK_STALL_S:
-            return missing(f"acknowledgements awaited for {waited:.0f}s")
+            return missing("acks_stalled", f"acknowledgements awaited for {waited:.0f}s")
         if self.failing_since is not None:
-            return missing(f"failing since {self.failing_since:.0f}: {self.last_error}")
+            return missing("failing",
+                           f"failing since {self.failing_since:.0f}: {self.last_error}")
         if not self.publishing:
-            return missing("being set up")
+            return missing("starting", "being set up")
         return ok()
 
     def stalled(self) -> str | None:
@@ -210,9 +213,7 @@ class RelayProcess:
             self._lead(relay, lock)
             return False
         except ProducerFatal as exc:
-            PUBLISH_ERRORS.labels(self.mode).inc()
-            self.failing_since = self.failing_since or time.time()
-            self.last_error = str(exc)[:300]
+            self._fail(exc)
             log.error("producer_replaced", error=str(exc)[:300])
             return not self.stop.is_set()
         finally:
@@ -239,7 +240,7 @@ class RelayProcess:
                     log.info("relay_started", mode=self.mode, schema=self.settings.db_schema)
                 count = relay.run_once()
                 backoff = 0.0
-                self.failing_since = self.last_error = None
+                self.failing_since = self.last_error = self.last_error_code = None
                 if count:
                     self.last_batch_at = time.time()
                     EVENTS_PUBLISHED.labels(self.mode).inc(count)
@@ -279,6 +280,7 @@ class RelayProcess:
         PUBLISH_ERRORS.labels(self.mode).inc()
         self.failing_since = self.failing_since or time.time()
         self.last_error = str(exc)[:300]
+        self.last_error_code = failure_code(exc)
 
     def _janitor(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:

@@ -4,7 +4,9 @@ process reaches it through a proxy that is cut, or is given a port nothing liste
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,10 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import elasticsearch
 import psycopg
 import pytest
 import redis
 import requests
+import structlog
+from botocore.exceptions import ClientError, EndpointConnectionError
+from confluent_kafka import KafkaError, KafkaException
 from fastapi.testclient import TestClient
 from sqlalchemy import make_url
 
@@ -25,11 +31,21 @@ from app.api.app import create_app
 from outbox.db import libpq_dsn
 from outbox.observability import ObservabilityServer, serve_until_stopped
 from outbox.pg_names import slot_name
-from outbox.readiness import CachedProbes
+from outbox.readiness import (
+    CachedProbes,
+    PublishedReadiness,
+    failure_code,
+    missing,
+    ok,
+    readiness_report,
+)
 from projectors.runtime import ConsumerRuntime
 from projectors.views.task_cache import TaskCache, TaskCacheProjector
 from relays.runner import STALL_S, RelayProcess
+from tests.auth import AUTH_A
+from tests.db_roles import APP_URL, as_app, role_url
 from tests.faults.proxies import CuttableTcpProxy
+from tests.images import png_bytes, upload
 from tests.pipeline_harness import isolated_settings, wait_for
 from tests.relay_harness import ROOT, RelayProc, free_port, settings_env
 
@@ -105,8 +121,9 @@ def test_cached_probes_answer_within_their_budget_and_spare_the_dependencies():
     first = probes.results()
     assert time.monotonic() - started < 1.0  # the slow probe does not hold the answer
     assert first["fast"] == {"ok": True}
-    assert first["slow"] == {"ok": False, "error": "no answer within 0.2s"}
-    assert first["broken"] == {"ok": False, "error": "ConnectionError: refused twice"}
+    assert first["slow"] == {"ok": False, "code": "timeout", "error": "no answer within 0.2s"}
+    assert first["broken"] == {"ok": False, "code": "unreachable",
+                               "error": "ConnectionError: refused twice"}
     assert probes.results() == first and calls == {"fast": 1, "slow": 1}  # cached
     time.sleep(0.6)
     probes.results()
@@ -147,6 +164,7 @@ def test_a_stopping_process_is_neither_alive_nor_ready():
         return 0
 
     ready = {"ready": True, "missing": [], "checks": {"database": {"ok": True}}}
+    shown = {"ready": True, "missing": [], "checks": {"database": {"status": "up"}}}
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:  # it takes SIGTERM and SIGINT for the process: given back to pytest afterwards
         assert serve_until_stopped(stop, lambda: {"status": "ok"}, "127.0.0.1", port, run,
@@ -154,9 +172,11 @@ def test_a_stopping_process_is_neither_alive_nor_ready():
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    assert seen["before"] == ((200, ready), (200, {"status": "ok"}))
+    assert seen["before"] == ((200, shown), (200, {"status": "ok"}))
     (ready_code, ready_body), (live_code, live_body) = seen["after"]
-    assert (ready_code, ready_body["missing"]) == (503, ["running"])
+    assert (ready_code, ready_body["missing"], ready_body["status"]) == (
+        503, ["running"], "not_ready")
+    assert ready_body["checks"]["running"] == {"status": "down", "code": "stopping"}
     assert (live_code, live_body["reason"]) == (503, "stopping")
 
 
@@ -166,14 +186,17 @@ def test_a_stalled_loop_fails_liveness_and_a_relay_says_why_it_does_not_publish(
     relay._loop_at -= STALL_S + 1  # neither the loop nor a producer moved since
     assert relay.stalled().startswith("no progress for")
     relay.leader = True
-    assert relay.readiness()["checks"]["slot"] == {"ok": False, "error": "being set up"}
+    assert relay.readiness()["checks"]["slot"] == {"ok": False, "code": "starting",
+                                                   "error": "being set up"}
     relay.publishing = True
     assert relay.readiness()["checks"]["slot"] == {"ok": True}
     relay.failing_since, relay.last_error = 5.0, "broker down"
-    assert relay.readiness()["checks"]["slot"]["error"] == "failing since 5: broker down"
+    assert relay.readiness()["checks"]["slot"] == {
+        "ok": False, "code": "failing", "error": "failing since 5: broker down"}
     relay.problem, relay.last_error = "schema_mismatch", "no column seq"
     assert relay.readiness()["missing"] == ["slot"]
-    assert relay.readiness()["checks"]["slot"]["error"] == "schema_mismatch: no column seq"
+    assert relay.readiness()["checks"]["slot"] == {
+        "ok": False, "code": "schema_mismatch", "error": "schema_mismatch: no column seq"}
 
     client = redis.Redis.from_url(api_settings.redis_url)
     runtime = ConsumerRuntime(api_settings,
@@ -195,7 +218,8 @@ def test_relay_ready_when_connected_and_not_while_the_database_is_unreachable(tm
         second = None
         try:
             report = wait_for(lambda: ready(first.port), timeout_s=60, what="first ready")
-            assert report["role"] == "leader" and report["checks"]["slot"] == {"ok": True}
+            assert report["role"] == "leader"
+            assert report["checks"]["slot"] == {"status": "up"}
             assert set(report["checks"]) == {"database", "broker", "slot"}
             second = RelayProc(cfg, "logical", tmp_path / "second.log")
             report = wait_for(lambda: ready(second.port), timeout_s=60, what="standby ready")
@@ -204,8 +228,10 @@ def test_relay_ready_when_connected_and_not_while_the_database_is_unreachable(tm
             proxy.cut()
             report = wait_for(lambda: not_ready(first.port, "database"), timeout_s=30,
                               what="first not ready")
-            assert report["checks"]["database"]["error"]
-            assert report["checks"]["broker"] == {"ok": True}
+            # A short code, not the driver's message (which names the host and the user).
+            assert report["checks"]["database"] in ({"status": "down", "code": "unreachable"},
+                                                    {"status": "down", "code": "timeout"})
+            assert report["checks"]["broker"] == {"status": "up"}
             assert_alive(first.port)
 
             proxy.restore()
@@ -251,7 +277,7 @@ def test_projector_ready_when_joined_and_not_while_its_store_or_broker_is_unreac
                 report = wait_for(lambda: not_ready(cache_port, "broker"), timeout_s=30,
                                   what="cache projector not ready")
                 assert set(report["missing"]) == {"broker", "group"}
-                assert report["checks"]["redis"] == {"ok": True}
+                assert report["checks"]["redis"] == {"status": "up"}
                 assert assert_alive(cache_port)["status"] == "ok"
                 assert cache.poll() is None  # waiting for the broker, not exited
             finally:
@@ -277,20 +303,147 @@ def test_reconciler_ready_when_connected_and_not_while_the_bucket_is_unreachable
                 proxy.close()
 
 
-def test_api_ready_only_while_its_stores_answer(api_settings):
-    with TestClient(create_app(api_settings)) as api:
-        r = api.get("/readyz")
-        assert r.status_code == 200, r.text
-        assert r.json()["ready"] and set(r.json()["checks"]) == {"database", "search", "redis"}
-    closed = free_port()
-    cut_off = api_settings.model_copy(update={"es_url": f"http://127.0.0.1:{closed}",
-                                              "redis_url": f"redis://127.0.0.1:{closed}/0"})
-    app = create_app(cut_off)
+def test_a_failure_is_told_by_a_short_code():
+    """Real exceptions of each client, as their servers raise them, each to one code."""
+    cases = [
+        (psycopg.OperationalError('connection failed: connection to server at "10.0.0.5", '
+                                  'port 5432 failed: FATAL:  password authentication failed '
+                                  'for user "outbox_app"'), "auth_failed"),
+        (psycopg.OperationalError('connection failed: connection to server at "10.0.0.5", '
+                                  'port 5432 failed: Connection refused'), "unreachable"),
+        (psycopg.OperationalError("connection timeout expired"), "timeout"),
+        (redis.ConnectionError("Error 111 connecting to 10.0.0.5:6379. Connection refused."),
+         "unreachable"),
+        (redis.AuthenticationError("invalid username-password pair"), "auth_failed"),
+        (redis.TimeoutError("Timeout reading from socket"), "timeout"),
+        (elasticsearch.ConnectionError("Connection refused"), "unreachable"),
+        (elasticsearch.ConnectionTimeout("timed out"), "timeout"),
+        (EndpointConnectionError(endpoint_url="http://10.0.0.5:8333/b"), "unreachable"),
+        (ClientError({"Error": {"Code": "403"}}, "HeadBucket"), "auth_failed"),
+        (ClientError({"Error": {"Code": "404"}}, "HeadBucket"), "not_found"),
+        (KafkaException(KafkaError(KafkaError._TRANSPORT)), "unreachable"),
+        (ConnectionResetError("reset by peer"), "unreachable"),
+        (ValueError("unexpected answer"), "error"),
+    ]
+    assert [failure_code(exc) for exc, _ in cases] == [code for _, code in cases]
+
+
+def test_readyz_shows_codes_only_and_logs_each_change_once():
+    reason = 'password authentication failed for user "outbox_app" (host 10.0.0.5)'
+    published = PublishedReadiness()
+    degraded = readiness_report(
+        {"database": ok(), "search": missing("auth_failed", reason), "redis": ok()},
+        optional=("search", "redis"), role="api")
+    healed = readiness_report({"database": ok(), "search": ok(), "redis": ok()},
+                              optional=("search", "redis"), role="api")
+    with structlog.testing.capture_logs() as logs:
+        bodies = [published.publish(degraded) for _ in range(3)]
+        assert published.publish(healed)["status"] == "ready"
+    assert bodies[0] == bodies[2] == {
+        "status": "degraded", "ready": True, "missing": [], "degraded": ["search"],
+        "role": "api", "checks": {"database": {"status": "up"},
+                                  "search": {"status": "down", "code": "auth_failed"},
+                                  "redis": {"status": "up"}}}
+    assert "outbox_app" not in json.dumps(bodies) and "10.0.0.5" not in json.dumps(bodies)
+    # Once when it went down (with the reason), once when it came back: not per probe.
+    assert [(e["event"], e["check"]) for e in logs] == [
+        ("readiness_check_down", "search"), ("readiness_check_up", "search")]
+    assert (logs[0]["code"], logs[0]["error"]) == ("auth_failed", reason)
+
+    down = readiness_report({"database": missing("unreachable", "refused"), "search": ok()},
+                            optional=("search",))
+    assert (down["status"], down["ready"], down["missing"], down["degraded"]) == (
+        "not_ready", False, ["database"], [])
+
+
+def test_api_ready_while_its_stores_answer(api_settings):
+    app = create_app(as_app(api_settings))
     with TestClient(app) as api:
         r = api.get("/readyz")
-        assert r.status_code == 503, r.text
-        assert r.json()["missing"] == ["search", "redis"]
-        assert r.json()["checks"]["database"] == {"ok": True}
-        assert r.json()["checks"]["search"]["error"]
-        assert api.get("/healthz").json() == {"status": "ok"}  # alive all the same
+        assert r.status_code == 200, r.text
+        assert r.json() == {"status": "ready", "ready": True, "missing": [], "degraded": [],
+                            "checks": {name: {"status": "up"}
+                                       for name in ("database", "search", "redis")}}
     app.state.ctx.engine.dispose()
+
+
+@contextmanager
+def api_process(env: dict[str, str], log: Path) -> Iterator[int]:
+    """`outbox api` as a process on a free port; yields the port once it answers."""
+    port = free_port()
+    with command(["api", "--host", "127.0.0.1", "--port", str(port)], env, log):
+        wait_for(lambda: probe(port, "/healthz"), timeout_s=60, interval_s=0.2,
+                 what="the API answers")
+        yield port
+
+
+def test_api_takes_uploads_and_serves_reads_while_search_and_redis_are_down(tmp_path):
+    with isolated_settings("rdy") as cfg:
+        closed = free_port()  # nothing listens there: both stores are unreachable
+        env = {**os.environ, **settings_env(cfg), "OUTBOX_DATABASE_URL": role_url(APP_URL),
+               "OUTBOX_ES_URL": f"http://127.0.0.1:{closed}",
+               "OUTBOX_REDIS_URL": f"redis://127.0.0.1:{closed}/0"}
+        expected = {"status": "degraded", "ready": True, "missing": [],
+                    "degraded": ["search", "redis"],
+                    "checks": {"database": {"status": "up"},
+                               "search": {"status": "down", "code": "unreachable"},
+                               "redis": {"status": "down", "code": "unreachable"}}}
+        with api_process(env, tmp_path / "api.log") as port:
+            base = f"http://127.0.0.1:{port}"
+            # A probe's first connection may take longer than the answer's budget on a busy
+            # machine (reported as `timeout`): wait for the settled state.
+            wait_for(lambda: probe(port, "/readyz") == (200, expected), timeout_s=30,
+                     what="ready, degraded by search and redis")
+            assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+
+            body = png_bytes("outage")
+            created = requests.post(f"{base}/v1/images", headers=AUTH_A, timeout=10, json={
+                "filename": "outage.png", "content_type": "image/png", "size": len(body)})
+            assert created.status_code == 201, created.text
+            image_id = created.json()["id"]
+            assert upload(created.json(), body).status_code in (200, 204)
+            confirmed = requests.post(f"{base}/v1/images/{image_id}/uploaded",
+                                      headers=AUTH_A, timeout=10)
+            assert confirmed.status_code == 200, confirmed.text
+            assert confirmed.json()["state"] == "uploaded"
+
+            got = requests.get(f"{base}/v1/images/{image_id}", headers=AUTH_A, timeout=30)
+            assert got.status_code == 200, got.text
+            view = got.json()
+            assert (view["state"], view["version"]) == ("uploaded", confirmed.json()["version"])
+            assert view["unavailable"] == ["task_cache"] and view["tasks"] is None
+            assert view["searchable"] is False  # not known to be indexed
+
+            found = requests.get(f"{base}/v1/search", headers=AUTH_A, timeout=30,
+                                 params={"q": "outage", "mode": "text"})
+            assert found.status_code == 503, found.text
+            assert found.json()["error"]["code"] == "search_unavailable"
+
+
+def test_api_without_its_database_is_not_ready_and_says_so_without_secrets(tmp_path):
+    password = secrets.token_hex(12)
+    url = make_url(role_url(APP_URL)).set(password=password)
+    env = {**os.environ, "OUTBOX_DATABASE_URL": url.render_as_string(hide_password=False)}
+    log = tmp_path / "api.log"
+    expected = {"status": "not_ready", "ready": False, "missing": ["database"],
+                "degraded": [],
+                "checks": {"database": {"status": "down", "code": "auth_failed"},
+                           "search": {"status": "up"}, "redis": {"status": "up"}}}
+    with api_process(env, log) as port:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: probe(port, "/readyz") == (503, expected), timeout_s=30,
+                 what="not ready: the database refuses the login")
+        r = requests.get(f"{base}/readyz", timeout=5)
+        for secret in (password, url.username, url.host, "authentication", "FATAL"):
+            assert secret not in r.text, secret
+        assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+        # The reason is in the log, once, for whoever runs the process.
+        for _ in range(3):
+            requests.get(f"{base}/readyz", timeout=5)
+            time.sleep(0.6)
+        lines = [json.loads(line) for line in log.read_text().splitlines()
+                 if '"readiness_check_down"' in line]
+        refused = [e for e in lines if (e["check"], e["code"]) == ("database", "auth_failed")]
+        assert len(refused) == 1, lines
+        assert "password authentication failed" in refused[0]["error"]
+        assert password not in log.read_text()

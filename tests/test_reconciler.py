@@ -89,9 +89,9 @@ def test_upload_without_metadata_is_abandoned_and_its_object_deleted(api, engine
     assert listed.get("KeyCount", 0) == 0
 
 
-@pytest.mark.parametrize(("attempts", "expected"), [(1, "ocr_pending"), (3, "ocr_failed")])
-def test_stuck_ocr_attempt_is_retried_or_failed(api, engine, reconciler, api_settings,
-                                                 attempts, expected):
+@pytest.mark.parametrize(("crashes", "expected"), [(0, "ocr_pending"), (4, "ocr_failed")])
+def test_stuck_ocr_attempt_is_a_crash_not_an_attempt(api, engine, reconciler, api_settings,
+                                                     crashes, expected):
     body = png_bytes()
     created = _create(api, body, metadata={"title": "stuck"})
     upload(created, body)
@@ -99,13 +99,19 @@ def test_stuck_ocr_attempt_is_retried_or_failed(api, engine, reconciler, api_set
     from images.policy import ImageState
     from images.store import load_image
 
-    with engine.begin() as conn:  # a worker claimed it, then died
+    with engine.begin() as conn:  # a worker claimed it (its third attempt), then died
         row = load_image(conn, "org-a", uuid.UUID(created["id"]))
-        transition(conn, row, ImageState.OCR_RUNNING, api_settings, {"attempts": attempts})
+        transition(conn, row, ImageState.OCR_RUNNING, api_settings,
+                   {"attempts": 3, "crashes": crashes})
     _overdue(engine, created["id"])
     assert reconciler.run_once() == {expected: 1}
     doc = _state(api, created["id"])
-    assert doc["state"] == expected and doc["last_error"] == "OCR attempt timed out"
+    # The attempt is given back; the crash budget (OUTBOX_MAX_CRASHES, 5) decides.
+    assert (doc["state"], doc["attempts"], doc["crashes"]) == (expected, 2, crashes + 1)
+    if expected == "ocr_failed":
+        assert doc["last_error"].startswith("crashed the OCR worker 5 times")
+    else:
+        assert "crash 1 of 5" in doc["last_error"]
 
 
 def test_overdue_ocr_request_is_requeued_and_only_the_new_one_acts(api, engine, reconciler,

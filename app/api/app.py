@@ -23,11 +23,17 @@ from app.settings import AppSettings, get_app_settings
 from app.trace import ImageTrace
 from images.storage import presigning_client, s3_client
 from outbox.db import make_engine
-from outbox.readiness import CachedProbes, readiness_report
+from outbox.readiness import CachedProbes, PublishedReadiness, readiness_report
 from projectors.sink_probes import store_probes
 from projectors.views.search_reader import SearchReader
 from projectors.views.task_cache import TaskCache
 from projectors.workers.embedder import get_embedder
+
+# Redis is only the task cache here: a read that cannot connect or answer gives up quickly so
+# the image read degrades instead of hanging (redis-py waits forever by default).
+REDIS_TIMEOUT_S = 2.0
+# What the API serves without: search answers 503 and image reads leave out the task states.
+OPTIONAL_STORES = ("search", "redis")
 
 REQUESTS = Counter("outbox_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("outbox_http_request_seconds", "HTTP request latency", ["method", "route"])
@@ -42,7 +48,9 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
         return get_embedder(model).query(q).tolist()
 
     engine, s3 = make_engine(settings), s3_client(settings)
-    es, client = Elasticsearch(settings.es_url), redis.Redis.from_url(settings.redis_url)
+    es = Elasticsearch(settings.es_url)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                  socket_timeout=REDIS_TIMEOUT_S)
     ctx = ApiContext(
         settings=settings,
         engine=engine,
@@ -91,13 +99,17 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
         must not restart every API process); `/readyz` does."""
         return JSONResponse({"status": "ok"})
 
-    probes = CachedProbes(store_probes(settings, ("database", "search", "redis")))
+    probes = CachedProbes(store_probes(settings, ("database", *OPTIONAL_STORES)))
+    published = PublishedReadiness()
 
     @app.get("/readyz", tags=["ops"])
     def readyz() -> JSONResponse:
-        """Readiness: 200 while PostgreSQL, the search server and Redis answer, else 503 with
-        the report naming what is missing (each check cached for a moment)."""
-        report = readiness_report(probes.results())
+        """Readiness: 200 while PostgreSQL answers (uploads and image reads need nothing
+        else), else 503. The search server and Redis are checked too: while one is down the
+        body says `degraded` and names it, and only its own endpoints answer 503. Each
+        component shows a status and a short code; the reason of a change goes to the log."""
+        report = published.publish(readiness_report(probes.results(),
+                                                    optional=OPTIONAL_STORES))
         return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
     # Outermost, so the span covers every other middleware too.

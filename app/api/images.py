@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import elasticsearch
 import redis
+import structlog
 from botocore.client import BaseClient
 from fastapi import APIRouter, Depends, Header, Query, Response
 from sqlalchemy import select, tuple_
@@ -30,6 +32,8 @@ from projectors.views.search_reader import SearchReader
 from projectors.views.task_cache import TaskCache
 
 MAX_URL_TTL_S = 15 * 60
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -165,17 +169,25 @@ def image_router(ctx: ApiContext) -> APIRouter:
     @router.get("/{image_id}", response_model=ImageView)
     def get_image(image_id: uuid.UUID, org: Org, response: Response) -> ImageView:
         """The resource (state, version, metadata, deadlines), its task states, and whether
-        the search view holds its current version."""
+        the search view holds its current version. A view that cannot be read right now is
+        named in `unavailable`, its fields null: the read itself needs the database only."""
         with engine.connect() as conn:
             row = load_image(conn, org, image_id)
         response.headers["ETag"] = f'"{row["version"]}"'
         view = _view(row)
+        # The image itself comes from the database; the views only add to it, so an outage
+        # of one leaves its fields out (named in `unavailable`) instead of failing the read.
         try:
             view.tasks = ctx.tasks.read(str(image_id))
         except redis.RedisError as exc:
-            raise ApiError(503, "task_cache_unavailable",
-                           "the task cache cannot be read right now; retry later") from exc
-        view.indexed_version = ctx.search.indexed_version(str(image_id), org)
+            log.warning("task_cache_unavailable", image_id=str(image_id), error=str(exc)[:200])
+            view.unavailable.append("task_cache")
+        try:
+            view.indexed_version = ctx.search.indexed_version(str(image_id), org)
+        except elasticsearch.ApiError as exc:  # an overloaded or refusing search server
+            log.warning("search_unavailable", image_id=str(image_id), error=str(exc)[:200])
+            view.unavailable.append("search")
+            return view
         # Truthful: fully processed (OCR text and vector exist) and the view holds exactly
         # the database's version of it.
         view.searchable = (row["state"] == ImageState.EMBEDDED

@@ -93,6 +93,9 @@ class ImageView(BaseModel):
     checksum_sha256: str | None
     metadata: dict[str, Any] | None
     attempts: int
+    crashes: int = Field(
+        default=0, description="OCR attempts that ended with no result (a worker died or "
+        "hung); not counted in attempts")
     last_error: str | None
     ocr: dict[str, Any] | None
     deadline_at: datetime | None
@@ -106,6 +109,10 @@ class ImageView(BaseModel):
     searchable: bool | None = Field(
         default=None,
         description="embedded, and the search view holds exactly the current version")
+    unavailable: list[str] = Field(
+        default_factory=list,
+        description="what could not be read for this answer (`task_cache`, `search`): its "
+                    "fields are null, the rest is current")
 
 
 class ImagePage(BaseModel):

@@ -9,5 +9,6 @@ from outbox.migrate import MigrationHistory
 # touch the image tables; the relay reads none of them.
 HISTORY = MigrationHistory(
     "images", Path(__file__).resolve().parent, "image_schema_version",
-    RoleGrants(app=tuple(on_table(t, "SELECT, INSERT, UPDATE, DELETE")
-                         for t in ("image", "image_event", "result_cache"))))
+    RoleGrants(app=(*(on_table(t, "SELECT, INSERT, UPDATE, DELETE")
+                      for t in ("image", "image_event", "result_cache")),
+                    on_table("continuous_audit", "SELECT, UPDATE"))))

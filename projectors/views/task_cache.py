@@ -72,6 +72,9 @@ class TaskCache:
         self._cached: tuple[float, int] = (0.0, 0)
         self.generation_key = f"{self._prefix}:task-generation"
         self.building_key = f"{self._prefix}:task-generation-building"
+        # Written when the cache is born and by each rebuild, never by the projectors, so
+        # its absence says Redis lost the cache (`projectors.view_healing`).
+        self.marker_key = f"{self._prefix}:task-cache-marker"
 
     def generation(self) -> int:
         """The key generation in use (0 before any rebuild); the live pointer is read at

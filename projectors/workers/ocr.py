@@ -40,6 +40,12 @@ class ObjectChanged(Exception):
     """The object under the image's key is not the one that was verified."""
 
 
+def _crashed_before(events: list[EventEnvelope]) -> bool:
+    """One image's events ask for OCR of an image that crashed a worker before."""
+    return any(e.payload.get("state") == S.OCR_PENDING and e.payload.get("crashes")
+               for e in events)
+
+
 class OcrWorker:
     """Projector `ocr`."""
 
@@ -57,18 +63,27 @@ class OcrWorker:
 
     def apply(self, events: list[EventEnvelope]) -> None:
         """Run OCR for every event that finds its image waiting in `ocr_pending`, up to
-        `ocr_concurrency` images at once (one image's events in their order). On a stop
-        request, raise BatchInterrupted once the recognitions under way are done: each
-        image's result is committed on its own, so the rest of the batch is simply
-        redelivered. Any other error is raised after the others finished."""
+        `ocr_concurrency` images at once (one image's events in their order), then each image
+        that crashed a worker before on its own. On a stop request, raise BatchInterrupted
+        once the recognitions under way are done: each image's result is committed on its
+        own, so the rest of the batch is simply redelivered. Any other error is raised after
+        the others finished."""
         by_image: dict[str, list[EventEnvelope]] = {}
         for event in events:
             by_image.setdefault(event.aggregate_id, []).append(event)
-        futures = [self._pool.submit(self._apply_image, evs) for evs in by_image.values()]
-        wait(futures)
-        errors = [e for f in futures if (e := f.exception()) is not None]
-        if any(isinstance(e, BatchInterrupted) for e in errors):
-            raise BatchInterrupted
+        # A worker that dies charges a crash to every image it was recognising. An image
+        # that crashed before runs alone, so its next crash is its own and the images beside
+        # it the first time are not failed with it.
+        groups = list(by_image.values())
+        rounds = [[evs for evs in groups if not _crashed_before(evs)],
+                  *([evs] for evs in groups if _crashed_before(evs))]
+        errors: list[BaseException] = []
+        for images in rounds:
+            futures = [self._pool.submit(self._apply_image, evs) for evs in images]
+            wait(futures)
+            errors += [e for f in futures if (e := f.exception()) is not None]
+            if any(isinstance(e, BatchInterrupted) for e in errors):
+                raise BatchInterrupted
         if errors:
             raise errors[0]
 
@@ -126,7 +141,7 @@ class OcrWorker:
             else:
                 # One line per engine run: the fault suite counts runs per attempt from it.
                 log.info("ocr_engine_run", image=event.aggregate_id,
-                         attempt=running["attempts"])
+                         attempt=running["attempts"], crashes=running["crashes"])
                 result = replace(self._recognize(data), checksum=checksum)
         except Exception as exc:  # the engine refused these bytes: a failed attempt
             self._fail(running, f"{type(exc).__name__}: {exc}")
@@ -182,12 +197,14 @@ class OcrWorker:
     @staticmethod
     def _still_running(conn: Connection, running: RowMapping) -> RowMapping | None:
         """The image, locked, if it is still in the attempt `running` started. A metadata
-        edit meanwhile bumps the version but keeps the attempt: the result still applies."""
+        edit meanwhile bumps the version but keeps the attempt: the result still applies.
+        (attempts, crashes) identifies the attempt: a crash gives the attempt back."""
         try:
             row = load_image(conn, running["org_id"], running["id"], for_update=True)
         except ImageNotFound:
             return None
-        if row["state"] != S.OCR_RUNNING or row["attempts"] != running["attempts"]:
+        if row["state"] != S.OCR_RUNNING or (row["attempts"], row["crashes"]) != (
+                running["attempts"], running["crashes"]):
             return None
         return row
 

@@ -53,15 +53,19 @@ class PipelineRun:
             n = uuid.uuid4().hex[:4]
             lines = ([f"Invoice {n}", "Total 12.50"] if i % 2 == 0 else
                      [f"发票 {n}", "合计 12.50"])
-            body = text_image(lines)
-            created = self.api.post("/v1/images", headers=AUTH_A, json={
-                "filename": f"{n}.png", "content_type": "image/png", "size": len(body),
-                "metadata": {"title": lines[0]}}).json()
-            assert upload(created, body).status_code in (200, 204)
-            confirmed = self.api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A)
-            assert confirmed.status_code == 200, confirmed.text
-            ids.append(created["id"])
+            ids.append(self.submit_image(text_image(lines), lines[0]))
         return ids
+
+    def submit_image(self, body: bytes, title: str) -> str:
+        """One PNG image uploaded, confirmed, with metadata; its id."""
+        n = uuid.uuid4().hex[:4]
+        created = self.api.post("/v1/images", headers=AUTH_A, json={
+            "filename": f"{n}.png", "content_type": "image/png", "size": len(body),
+            "metadata": {"title": title}}).json()
+        assert upload(created, body).status_code in (200, 204)
+        confirmed = self.api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A)
+        assert confirmed.status_code == 200, confirmed.text
+        return created["id"]
 
     def states(self, ids: list[str]) -> dict[str, tuple[str, int]]:
         """Each image's state and version in the database."""

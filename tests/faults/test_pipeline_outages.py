@@ -5,11 +5,6 @@ database version, none failed because of the fault, and the audit is clean."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,12 +20,12 @@ from app.reconciler import Reconciler
 from images.storage import s3_client
 from outbox.envelope import EventEnvelope
 from outbox.kafka import topic_name
-from tests.db_roles import APP_URL, role_url
 from tests.faults.pipeline_run import S, pipeline_run
 from tests.faults.proxies import CuttableTcpProxy, OverloadedSearchProxy
 from tests.faults.report import scale
+from tests.ocr_process import OcrProcess, image_row, slow_image
 from tests.pipeline_harness import wait_for
-from tests.relay_harness import ROOT, free_port, settings_env, stack
+from tests.relay_harness import stack
 
 pytestmark = pytest.mark.slow
 IMAGES = int(scale(24, 6))
@@ -115,45 +110,11 @@ def test_bucket_unreachable_during_ocr(record, base_settings):
         proxy.close()
 
 
-class OcrProcess:
-    """`outbox project ocr` as a child process (the application's role), its log in a file
-    of its own per start."""
-
-    def __init__(self, settings, log_dir, **env: str) -> None:
-        self._env = {**os.environ, **settings_env(settings),
-                     "OUTBOX_DATABASE_URL": role_url(APP_URL), **env}
-        self._dir = log_dir
-        self.logs: list = []
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        path = self._dir / f"ocr-{len(self.logs)}.log"
-        self.logs.append(path)
-        with open(path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "outbox.cli", "project", "ocr", "--metrics-port",
-                 str(free_port())], env=self._env, cwd=ROOT, stdout=log,
-                stderr=subprocess.STDOUT)
-
-    def events(self, name: str) -> list[dict]:
-        out = []
-        for path in self.logs:
-            for line in path.read_text(errors="replace").splitlines():
-                if f'"{name}"' in line and line.startswith("{"):
-                    out.append(json.loads(line))
-        return out
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-
-
 def test_ocr_projector_sigkilled_mid_batch(record, tmp_path):
     kills_wanted = int(scale(3, 1))
     with pipeline_run("fkill", threads=("embed", "search", "cache")) as run:
         # An attempt cut by the kill stays `ocr_running` until its deadline; the reconciler
-        # then gives the image another attempt.
+        # then counts a crash (not an attempt) and asks for OCR again, run alone this time.
         deadline = {"deadline_ocr_running_s": 6}
         ocr = OcrProcess(run.settings, tmp_path, OUTBOX_DEADLINE_OCR_RUNNING_S="6")
         reconciler = Reconciler(run.settings.model_copy(update=deadline), run.engine,
@@ -161,25 +122,34 @@ def test_ocr_projector_sigkilled_mid_batch(record, tmp_path):
         threading.Thread(target=reconciler.run, args=(1.0,), daemon=True).start()
         try:
             ocr.start()
-            ids = run.submit(IMAGES)
+            # Every kill lands during the recognition of the same image, the slowest, sent
+            # first so that the first kill also cuts the images recognised beside it.
+            target = run.submit_image(slow_image(), "a long receipt")
+            ids = [target, *run.submit(IMAGES - 1)]
             kills = mid_ocr = 0
             while kills < kills_wanted:
-                runs = len(ocr.events("ocr_engine_run"))
-                wait_for(lambda runs=runs: len(ocr.events("ocr_engine_run")) > runs,
-                         timeout_s=120, interval_s=0.02, what="an OCR run to kill")
-                ocr.proc.send_signal(signal.SIGKILL)
-                ocr.proc.wait(10)
+                ocr.kill_during(target)
                 kills += 1
-                mid_ocr += len(ocr.events("ocr_engine_run")) > len(ocr.events("ocr_done"))
+                mid_ocr += image_row(run.engine, target)["state"] == S.OCR_RUNNING
                 ocr.start()
             fault_end = time.monotonic()
             out = run.outcome("OCR projector SIGKILLed", f"OCR process SIGKILLed {kills}×, "
-                              f"{mid_ocr}× during a recognition", ids,
+                              f"{mid_ocr}× during the recognition of the same image", ids,
                               fault_end)
         finally:
             reconciler.stop.set()
             ocr.stop()
-        per_attempt = Counter((e["image"], e["attempt"]) for e in ocr.events("ocr_engine_run"))
+        if mid_ocr != kills:
+            out.violations.append(f"{kills - mid_ocr} kills missed the chosen image's "
+                                  "recognition")
+        hit = image_row(run.engine, target)
+        if hit["crashes"] < kills or hit["attempts"] != 1:
+            out.violations.append(f"the killed image counts {hit['crashes']} crashes and "
+                                  f"{hit['attempts']} attempts after {kills} kills")
+        out.notes.append(f"the image killed {kills}× ends {hit['state']} with "
+                         f"{hit['crashes']} crashes and {hit['attempts']} attempt charged")
+        per_attempt = Counter((e["image"], e["attempt"], e["crashes"])
+                              for e in ocr.events("ocr_engine_run"))
         twice = {k: n for k, n in per_attempt.items() if n > 1}
         if twice:
             out.violations.append(f"OCR ran twice for the same attempt: {twice}")
@@ -213,3 +183,60 @@ def test_poison_messages_among_good_ones(record):
         record(run.outcome("poison messages", f"{IMAGES} undecodable or foreign-schema "
                            f"messages among {IMAGES} images", ids, fault_end,
                            expected_dead_letters=IMAGES * consumers))
+
+
+@pytest.mark.parametrize("fault", ["document deleted", "Redis flushed", "live index deleted"])
+def test_lost_views_heal_themselves(record, fault):
+    """Healed by the reconciler alone (its view healing and continuous audit, every round of
+    1 s, an audit pass every 5 s): no `outbox audit --repair` typed. `recover` is the time
+    to heal."""
+    from elasticsearch import Elasticsearch
+
+    from app.reconciler_checks import round_checks
+    from projectors.views.search_index import aliased_indices
+    from tests.pipeline_harness import metric
+
+    with pipeline_run("fheal") as run:
+        settings = run.settings.model_copy(update={"reconciler_audit_interval_s": 5.0,
+                                                   "reconciler_audit_grace_s": 1.0})
+        reconciler = Reconciler(settings, run.engine, s3_client(settings))
+        reconciler.checks = round_checks(settings, run.engine, s3_client(settings),
+                                         stop=reconciler.stop)
+        thread = threading.Thread(target=reconciler.run, args=(1.0,))
+        thread.start()
+        es, client = Elasticsearch(settings.es_url), redis.Redis.from_url(settings.redis_url)
+        try:
+            # The reconciler's first round has seen the views born (its marker in Redis).
+            marker = f"{settings.redis_prefix}:task-cache-marker"
+            wait_for(lambda: client.exists(marker), timeout_s=30, what="the first round")
+            ids = run.submit(IMAGES)
+            _flowing(run, ids)
+            if fault == "document deleted":
+                held = es.mget(index=settings.es_index, ids=ids)["docs"]
+                es.delete(index=settings.es_index, id=next(d["_id"] for d in held
+                                                           if d.get("found")), refresh=True)
+            elif fault == "Redis flushed":
+                # This run's keys, the marker among them: the shared server keeps the others'.
+                for key in client.scan_iter(f"{settings.redis_prefix}:*"):
+                    client.delete(key)
+            else:
+                es.indices.delete(index=aliased_indices(es, settings.es_index))
+            fault_end = time.monotonic()
+            # The views back first: the audit below cannot read a view without its alias,
+            # and a cache without its marker is not healed yet.
+            wait_for(lambda: aliased_indices(es, settings.es_index), timeout_s=120,
+                     what="the alias back")
+            wait_for(lambda: client.exists(marker), timeout_s=120, what="the cache back")
+            out = run.outcome(f"{fault}, healed alone", f"{fault} while {IMAGES} images go "
+                              "through; the reconciler heals it", ids, fault_end)
+            wait_for(lambda: sum(metric("outbox_view_rebuild_in_progress", view=v)
+                                 for v in ("search", "cache")) == 0,
+                     timeout_s=120, what="the rebuild finished")
+        finally:
+            reconciler.stop.set()
+            thread.join(120)
+            es.close()
+            client.close()
+        out.notes.append(f"healed by the reconciler with nothing typed in {out.recover_s:.1f} "
+                         "s (view healing every 1 s round, an audit pass every 5 s)")
+        record(out)

@@ -114,6 +114,16 @@ function render(s) {
     row([["leader"], [r.leader ? "yes" : "none"]]),
   ] : [], unknown("relay"));
 
+  const a = s.continuous_audit;
+  const drift = a ? Object.entries(a.open).map(([k, n]) => k + " " + n).join(", ") : "";
+  fill("audit", a ? [
+    row([["last pass"], [when(a.last_pass_at) + " (" + seconds(a.last_pass_s) + ")"]]),
+    row([["images judged"], [a.rows]]),
+    row([["drift found"], [drift || "none", drift ? "bad" : "ok"]], {"data-audit": "open"}),
+    row([["passes"], [a.passes]]),
+    row([["last sweep"], [seconds(a.last_sweep_s)]]),
+  ] : [], s.unavailable["continuous audit"] ? unknown("continuous audit") : "no pass yet");
+
   fill("services", s.services.map((v) => row(
     [[v.name], [v.ok ? "up" : "down: " + v.error, v.ok ? "ok" : "bad"]],
     {"data-service": v.name})), "-");
