@@ -41,3 +41,26 @@ def upload(created: dict[str, Any], body: bytes, filename: str = "x.png") -> req
         files={"file": (filename, body)},
         timeout=30,
     )
+
+
+def submit_receipt(api: Any, title: str, total: str = "3.30") -> str:
+    """A receipt image titled `title` created through the API (a TestClient, as org A),
+    uploaded with its presigned POST and confirmed with metadata, so it goes straight to OCR;
+    returns its id."""
+    from app.sample_images import text_image
+    from tests.auth import AUTH_A
+
+    body = text_image([title, f"Total {total}"])
+    created = api.post("/v1/images", headers=AUTH_A, json={
+        "filename": "receipt.png", "content_type": "image/png", "size": len(body),
+        "metadata": {"title": title}}).json()
+    assert upload(created, body).status_code in (200, 204)
+    assert api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A).status_code == 200
+    return created["id"]
+
+
+def is_searchable(api: Any, image_id: str) -> bool:
+    """Whether the API reports the image searchable (both views at its database version)."""
+    from tests.auth import AUTH_A
+
+    return api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()["searchable"] is True

@@ -17,7 +17,6 @@ from sqlalchemy import text
 from app.api.app import create_app
 from app.continuous_audit import ContinuousAudit, audit_lock_name, audit_summary
 from app.reconciler import Reconciler
-from app.sample_images import text_image
 from images.storage import s3_client
 from outbox.db import make_engine
 from projectors.views.search_index import ensure_index
@@ -25,7 +24,7 @@ from projectors.views.task_cache import TaskCache
 from tests.auth import AUTH_A
 from tests.db_roles import as_app
 from tests.events import events_of
-from tests.images import upload
+from tests.images import submit_receipt
 from tests.pipeline_harness import isolated_settings, metric, wait_for
 from tests.test_audit import wait_clean
 
@@ -47,16 +46,6 @@ def cfg_api(cfg):
         yield client
 
 
-def _create(api, title: str) -> str:
-    body = text_image([title, "Total 9.99"])
-    created = api.post("/v1/images", headers=AUTH_A, json={
-        "filename": "a.png", "content_type": "image/png", "size": len(body),
-        "metadata": {"title": title}}).json()
-    assert upload(created, body).status_code in (200, 204)
-    assert api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A).status_code == 200
-    return created["id"]
-
-
 def _resyncs(engine, image_id: str) -> int:
     return sum(e.type == "image.resynced" for e in events_of(engine, image_id))
 
@@ -68,7 +57,7 @@ def _settled(api, image_id: str) -> bool:
 
 def test_the_reconciler_heals_drift_in_the_view_and_the_cache_by_itself(cfg, pipeline,
                                                                          cfg_api):
-    ids = [_create(cfg_api, f"Receipt {n}") for n in range(3)]
+    ids = [submit_receipt(cfg_api, f"Receipt {n}") for n in range(3)]
     for i in ids:  # at the end of its journey: no event of it is on the way
         wait_for(lambda i=i: _settled(cfg_api, i), what=f"{i} embedded and searchable")
     es = Elasticsearch(cfg.es_url)

@@ -21,14 +21,13 @@ from sqlalchemy import text
 
 from app.api.app import create_app
 from app.audit import Auditor
-from app.sample_images import text_image
 from images.storage import s3_client
 from images.store import load_image, resync
 from outbox.db import make_engine
 from projectors.rebuild import SearchRebuild
 from projectors.views.search_index import aliased_indices
 from tests.auth import AUTH_A
-from tests.images import upload
+from tests.images import is_searchable, submit_receipt
 from tests.pipeline_harness import (
     cache_at,
     isolated_settings,
@@ -52,20 +51,6 @@ def api(cfg):
         yield client
 
 
-def _submit(api, title: str) -> str:
-    body = text_image([title, "Total 4.20"])
-    created = api.post("/v1/images", headers=AUTH_A, json={
-        "filename": "a.png", "content_type": "image/png", "size": len(body),
-        "metadata": {"title": title}}).json()
-    assert upload(created, body).status_code in (200, 204)
-    assert api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A).status_code == 200
-    return created["id"]
-
-
-def _searchable(api, image_id: str) -> bool:
-    return api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()["searchable"]
-
-
 def _rebuild(cfg, *args: str) -> subprocess.Popen:
     env = {**os.environ, **settings_env(cfg),
            "OUTBOX_PROJECTOR_SESSION_TIMEOUT_MS": "6000", "OUTBOX_PROJECTOR_BATCH_SIZE": "50"}
@@ -74,9 +59,9 @@ def _rebuild(cfg, *args: str) -> subprocess.Popen:
 
 
 def test_search_is_rebuilt_behind_the_alias_while_images_arrive(cfg, pipeline, api):
-    first = [_submit(api, f"Seed receipt {n}") for n in range(6)]
+    first = [submit_receipt(api, f"Seed receipt {n}") for n in range(6)]
     for i in first:
-        wait_for(lambda i=i: _searchable(api, i), what=f"{i} searchable")
+        wait_for(lambda i=i: is_searchable(api, i), what=f"{i} searchable")
     es = Elasticsearch(cfg.es_url)
     old = aliased_indices(es, cfg.es_index)
     ocr_before = metric("outbox_ocr_engine_runs_total")
@@ -93,7 +78,7 @@ def test_search_is_rebuilt_behind_the_alias_while_images_arrive(cfg, pipeline, a
 
     def arrivals() -> None:
         while not stop.is_set():
-            arrived.append(_submit(api, f"Arriving receipt {len(arrived)}"))
+            arrived.append(submit_receipt(api, f"Arriving receipt {len(arrived)}"))
             time.sleep(0.5)
 
     threads = [threading.Thread(target=search_loop), threading.Thread(target=arrivals)]
@@ -112,7 +97,7 @@ def test_search_is_rebuilt_behind_the_alias_while_images_arrive(cfg, pipeline, a
     assert summary["removed"] == old and not es.indices.exists(index=old[0])
     assert searches[0] > 10 and failures == []
     for i in arrived:
-        wait_for(lambda i=i: _searchable(api, i), what=f"{i} searchable after the rebuild")
+        wait_for(lambda i=i: is_searchable(api, i), what=f"{i} searchable after the rebuild")
     engine = make_engine(cfg)
     auditor = Auditor(cfg, engine, es, redis.Redis.from_url(cfg.redis_url), s3_client(cfg),
                       grace_s=0)
@@ -125,13 +110,13 @@ def test_search_is_rebuilt_behind_the_alias_while_images_arrive(cfg, pipeline, a
 
 
 def test_a_rebuild_killed_halfway_completes_when_run_again(cfg, pipeline, api):
-    image = _submit(api, "Many versions")
-    wait_for(lambda: _searchable(api, image), what="searchable")
+    image = submit_receipt(api, "Many versions")
+    wait_for(lambda: is_searchable(api, image), what="searchable")
     engine = make_engine(cfg)
     for _ in range(300):  # a long log, so the replay takes a while
         with engine.begin() as conn:
             resync(conn, load_image(conn, "org-a", uuid.UUID(image), for_update=True))
-    wait_for(lambda: _searchable(api, image), what="the live view caught up")
+    wait_for(lambda: is_searchable(api, image), what="the live view caught up")
     es = Elasticsearch(cfg.es_url)
     live = aliased_indices(es, cfg.es_index)
     proc = _rebuild(cfg, "search")
@@ -154,14 +139,14 @@ def test_a_rebuild_killed_halfway_completes_when_run_again(cfg, pipeline, api):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["copy"] == building  # resumed, not started over
     assert aliased_indices(es, cfg.es_index) == [building]
-    assert _searchable(api, image)
+    assert is_searchable(api, image)
     engine.dispose()
     es.close()
 
 
 def test_the_task_cache_is_rebuilt_as_a_new_generation(cfg, pipeline, api):
-    image = _submit(api, "Cache rebuild")
-    wait_for(lambda: _searchable(api, image), what="searchable")
+    image = submit_receipt(api, "Cache rebuild")
+    wait_for(lambda: is_searchable(api, image), what="searchable")
     version = api.get(f"/v1/images/{image}", headers=AUTH_A).json()["version"]
     wait_for(lambda: cache_at(cfg, image, version), what="cached")  # its own projector
     before = api.get(f"/v1/images/{image}", headers=AUTH_A).json()["tasks"]
@@ -177,8 +162,8 @@ def test_the_task_cache_is_rebuilt_as_a_new_generation(cfg, pipeline, api):
 
 
 def test_a_rebuild_with_no_live_position_reads_the_whole_log(cfg, pipeline, api):
-    image = _submit(api, "No live position")
-    wait_for(lambda: _searchable(api, image), what="searchable")
+    image = submit_receipt(api, "No live position")
+    wait_for(lambda: is_searchable(api, image), what="searchable")
     es = Elasticsearch(cfg.es_url)
     rebuild = SearchRebuild(cfg, es)
     # As if the live projector had never committed (never ran, or its offsets expired):

@@ -100,7 +100,9 @@ def test_drift_and_lost_views_heal_with_nothing_run_by_hand(tmp_path):
                                       str(free_port())], env, tmp_path / "reconcile.log"))
         api = stack.enter_context(TestClient(create_app(as_app(cfg)),
                                              raise_server_exceptions=False))
-        es = Elasticsearch(cfg.es_url)
+        # The shared search server can take over the client's default 10 s to answer while
+        # a rebuild indexes on the same two cores; how fast it answers is not what is tested.
+        es = Elasticsearch(cfg.es_url, request_timeout=60)
         stack.callback(es.close)
         client = redis.Redis.from_url(cfg.redis_url)
         stack.callback(client.close)

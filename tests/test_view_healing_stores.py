@@ -16,12 +16,11 @@ from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 
 from app.api.app import create_app
-from app.sample_images import text_image
 from projectors.view_healing import ViewHealer, builtin_views
 from projectors.views.search_index import aliased_indices
 from projectors.views.task_cache import TaskCache
 from tests.auth import AUTH_A
-from tests.images import upload
+from tests.images import is_searchable, submit_receipt
 from tests.pipeline_harness import isolated_settings, metric, wait_for
 from tests.relay_harness import ROOT, settings_env
 
@@ -50,20 +49,6 @@ def api(cfg):
         yield client
 
 
-def _submit(api, title: str) -> str:
-    body = text_image([title, "Total 3.30"])
-    created = api.post("/v1/images", headers=AUTH_A, json={
-        "filename": "v.png", "content_type": "image/png", "size": len(body),
-        "metadata": {"title": title}}).json()
-    assert upload(created, body).status_code in (200, 204)
-    assert api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A).status_code == 200
-    return created["id"]
-
-
-def _searchable(api, image_id: str) -> bool:
-    return api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()["searchable"]
-
-
 def _healer(cfg, es: Elasticsearch, client: redis.Redis) -> ViewHealer:
     return ViewHealer(builtin_views(cfg, es, client))
 
@@ -85,8 +70,8 @@ def test_views_never_built_are_not_lost():
 
 def test_two_healers_rebuild_a_deleted_index_once_and_a_manual_rebuild_waits(cfg, born,
                                                                              pipeline, api):
-    image = _submit(api, "Index deleted")
-    wait_for(lambda: _searchable(api, image), what="searchable")
+    image = submit_receipt(api, "Index deleted")
+    wait_for(lambda: is_searchable(api, image), what="searchable")
     es, client = Elasticsearch(cfg.es_url), redis.Redis.from_url(cfg.redis_url)
     first, second = _healer(cfg, es, client), _healer(cfg, es, client)
     assert first.check() == second.check() == {"search": "ok", "cache": "ok"}
@@ -110,16 +95,16 @@ def test_two_healers_rebuild_a_deleted_index_once_and_a_manual_rebuild_waits(cfg
     assert _rebuilds("locked") - before["locked"] == 1
     assert metric("outbox_view_lost_total", view="search") - lost_before == 2  # each saw it
     assert first.check()["search"] == second.check()["search"] == "ok"
-    wait_for(lambda: _searchable(api, image), what="searchable in the rebuilt view")
-    later = _submit(api, "After the rebuild")  # the live projector writes through the alias
-    wait_for(lambda: _searchable(api, later), what="a new image searchable")
+    wait_for(lambda: is_searchable(api, image), what="searchable in the rebuilt view")
+    later = submit_receipt(api, "After the rebuild")  # the live projector writes through the alias
+    wait_for(lambda: is_searchable(api, later), what="a new image searchable")
     es.close()
     client.close()
 
 
 def test_a_flushed_task_cache_is_noticed_and_rebuilt(cfg, born, pipeline, api):
-    image = _submit(api, "Cache flushed")
-    wait_for(lambda: _searchable(api, image), what="searchable")
+    image = submit_receipt(api, "Cache flushed")
+    wait_for(lambda: is_searchable(api, image), what="searchable")
     es, client = Elasticsearch(cfg.es_url), redis.Redis.from_url(cfg.redis_url)
     healer = _healer(cfg, es, client)
     assert healer.check()["cache"] == "ok"
