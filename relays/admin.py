@@ -104,6 +104,7 @@ def drop_relay(settings: Settings) -> dict[str, Any]:
             publisher.close()
         with psycopg.connect(dsn, autocommit=True) as conn:
             slot = slot_name(settings.db_schema)
+            _wait_until_released(conn, slot)
             conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
                          " where slot_name = %s", (slot,))
             conn.execute(f'drop publication if exists "{publication_name(settings.db_schema)}"')
@@ -112,6 +113,19 @@ def drop_relay(settings: Settings) -> dict[str, Any]:
                 "dropped_at_lsn": upto}
     finally:
         lock.release()
+
+
+def _wait_until_released(conn: psycopg.Connection, slot: str, timeout_s: float = 10.0) -> None:
+    """Wait until no walsender holds `slot`: the one that streamed it for the drain ends a
+    moment after its connection closed, and until then the slot cannot be dropped ("is
+    active for PID ..."). After `timeout_s` the drop is tried anyway and says who holds it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = conn.execute("select active_pid from pg_replication_slots where slot_name = %s",
+                           (slot,)).fetchone()
+        if row is None or row[0] is None:
+            return
+        time.sleep(0.05)
 
 
 def _drain(relay: LogicalRelay, upto: str, timeout_s: float = 300.0) -> int:
