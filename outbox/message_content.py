@@ -1,6 +1,6 @@
 """The content of an event written as a logical-decoding message (`OUTBOX_EMIT_MODE=message`).
 
-`outbox_emit` (the SQL function) writes, and the logical relay reads:
+`outbox_emit` (the SQL function, migration 0002) writes, and the logical relay reads:
 
     <head: one JSON object, no newline> "\\n" <payload: the jsonb payload's text>
 
@@ -40,20 +40,6 @@ class MessageContent:
     headers: dict[str, Any]
     occurred_at: str
     payload_json: bytes
-
-
-def encode_content(*, id: str, aggregate_type: str, aggregate_id: str, type: str,
-                   aggregate_version: int | None, org_id: str | None,
-                   headers: dict[str, Any], occurred_at: str, payload_json: bytes) -> bytes:
-    """The message content for these fields (what `outbox_emit` writes in SQL)."""
-    if _SEPARATOR in payload_json:
-        # Compact JSON needs no raw newline; one here would end the head early.
-        payload_json = orjson.dumps(orjson.loads(payload_json))
-    head = orjson.dumps({
-        "v": CONTENT_VERSION, "id": id, "aggregate_type": aggregate_type,
-        "aggregate_id": aggregate_id, "type": type, "aggregate_version": aggregate_version,
-        "org_id": org_id, "headers": headers, "occurred_at": occurred_at})
-    return head + _SEPARATOR + payload_json
 
 
 def decode_content(content: bytes) -> MessageContent:

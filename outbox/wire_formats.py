@@ -208,23 +208,6 @@ def _is_structured(named: Mapping[str, str]) -> bool:
     return named.get("content-type", "").lower().startswith("application/cloudevents")
 
 
-def detect_format(headers: HeaderList, value: bytes | None) -> WireFormat:
-    """The wire format a record was written in, from its headers (and, to tell an envelope
-    from a debezium record, whether its value's `id` is the `id` header)."""
-    named = _header_map(headers)
-    if "ce_specversion" in named:
-        return "cloudevents-binary"
-    if _is_structured(named):
-        return "cloudevents-structured"
-    if "id" not in named:
-        return "envelope"
-    try:
-        doc = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:
-        return "debezium"
-    return "envelope" if isinstance(doc, dict) and doc.get("id") == named["id"] else "debezium"
-
-
 def _validated(fmt: str, fields: dict[str, Any]) -> EventEnvelope:
     try:
         return EventEnvelope.model_validate(fields)
