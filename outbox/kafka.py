@@ -117,6 +117,9 @@ def consumer_config(settings: Settings, group_id: str, session_timeout_ms: int,
         "session.timeout.ms": session_timeout_ms,
         "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
         "partition.assignment.strategy": "range",
+        # Only records of committed transactions (the exactly-once relay's): librdkafka's
+        # default too, said here because the projectors' exactly-once reading depends on it.
+        "isolation.level": "read_committed",
         **overrides,
     })
 
@@ -126,7 +129,8 @@ def reader_config(settings: Settings, group_id: str, **overrides: Any) -> dict[s
     group's committed offsets) and commits nothing; `group_id` names it to the broker (the
     client requires one) or is the group whose offsets it reads."""
     return _finish(settings, {**client_config(settings), "group.id": group_id,
-                              "enable.auto.commit": False, **overrides})
+                              "enable.auto.commit": False,
+                              "isolation.level": "read_committed", **overrides})
 
 
 def admin_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

@@ -94,6 +94,30 @@ class Settings(KafkaSecuritySettings):
         default=1.0, description="confirm the acknowledged position to the slot (and move an "
         "idle slot along, so it pins no WAL) this often",
     )
+    relay_exactly_once: bool = Field(
+        default=False,
+        description="publish in Kafka transactions that hold whole PostgreSQL transactions, "
+        "with the position reached committed in the same transaction: a read_committed "
+        "consumer sees every event once, across relay crashes and restarts (README, "
+        "\"Exactly-once publication\")")
+    relay_transactional_id: str | None = Field(
+        default=None,
+        description="transactional.id of the exactly-once relay, also the consumer group "
+        "that holds its position; default outbox-relay.<database>.<slot>. Unique per outbox "
+        "on one Kafka cluster: a second relay with the same id is fenced")
+    relay_positions_topic: str = Field(
+        default="outbox-relay-positions",
+        description="exactly-once: the topic of the position records, one per Kafka "
+        "transaction, keyed by the transactional id (as Kafka Connect's offsets topic)")
+    relay_transaction_max_events: int = Field(
+        default=100_000, ge=1,
+        description="exactly-once: a PostgreSQL transaction with more events than this is "
+        "published in several Kafka transactions of this many events, each with its "
+        "position (rows held so far), so a restart resumes inside it without a repeat")
+    relay_transaction_timeout_ms: int = Field(
+        default=60_000, ge=1000,
+        description="exactly-once: transaction.timeout.ms of the relay's producer; a batch "
+        "not acknowledged within it is aborted and published again from the position")
     relay_lock_poll_s: float = Field(default=1.0, description="standby's lock retry interval")
     relay_backfill_margin_s: float = Field(
         default=3600.0,

@@ -12,6 +12,7 @@ from outbox.db import libpq_dsn
 from outbox.emit_mode import NO_ROWS_NOTE, stored_emit_mode
 from outbox.pg_names import publication_name, relay_lock_name, slot_name
 from outbox.settings import Settings
+from relays.checkpointer import transactional_id
 from relays.election import LeaderLock
 from relays.logical import LogicalRelay
 from relays.publisher import BatchPublisher
@@ -88,7 +89,8 @@ def drop_relay(settings: Settings) -> dict[str, Any]:
     if not lock.acquire(lambda: False, poll_s=0.0, attempts=1):
         raise RelayBusy("a relay is running for this outbox: stop it first")
     try:
-        publisher = BatchPublisher(settings, stop_requested=lambda: False)
+        publisher = BatchPublisher(settings, stop_requested=lambda: False,
+                                   transactional_id=transactional_id(settings, dsn))
         relay = LogicalRelay(settings, dsn, publisher)
         try:
             with psycopg.connect(dsn) as conn:

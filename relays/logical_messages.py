@@ -9,14 +9,10 @@ with the table rows. The content is `outbox.message_content`'s format.
 
 from __future__ import annotations
 
-import struct
-
 import orjson
 
 from outbox.message_content import decode_content
-
-_FLAGS_LSN = struct.Struct(">BQ")
-_U32 = struct.Struct(">I")
+from relays.pgoutput import decode_message
 
 
 class NotTransactional(ValueError):
@@ -33,15 +29,12 @@ def message_row(msg: bytes, prefix: bytes) -> tuple[bytes | None, ...] | None:
     """The outbox row (REQUIRED_COLUMNS order, bytes values, seq None) a pgoutput Message
     carries; None for a message of another prefix. NotTransactional for one of ours that is
     not transactional; BadMessageContent for content not in the outbox's format."""
-    flags, lsn = _FLAGS_LSN.unpack_from(msg, 1)
-    end = msg.index(b"\x00", 10)
-    if msg[10:end] != prefix:
+    message = decode_message(msg)
+    if message.prefix != prefix:
         return None
-    if not flags & 1:
-        raise NotTransactional(lsn)
-    (length,) = _U32.unpack_from(msg, end + 1)
-    start = end + 5
-    event = decode_content(msg[start:start + length])
+    if not message.transactional:
+        raise NotTransactional(message.lsn)
+    event = decode_content(message.content)
     version = event.aggregate_version
     return (None, event.id.encode(), event.aggregate_type.encode(),
             event.aggregate_id.encode(), event.type.encode(),

@@ -9,16 +9,25 @@ settles a batch only when Kafka acknowledged every message of it.
   an unknown topic) goes to `<topic>.dlq.relay` with the reason, and the rest flows.
 - A fatal producer error (fencing, an idempotence failure) raises ProducerFatal: the caller
   replaces the producer and publishes again from the last acknowledged position.
+
+Exactly-once mode (a `transactional_id`): the records of a batch go in one Kafka transaction,
+begun with the first of them and committed by `commit_transaction` together with the
+position reached. Every record carries the header `outbox_kafka_txn`, the transaction's id,
+which the position record of the same transaction carries too: a reader can tell the
+records of a committed transaction from those of an aborted one that a broker let through.
+A message then times out after `relay_transaction_timeout_ms` (a transaction cannot wait
+longer); the batch is aborted and published again from the position.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from outbox.envelope import OutboxRecord
 from outbox.kafka import TopicManager, dlq_topic, producer_config
@@ -36,6 +45,8 @@ _WITHDRAWN = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 # acknowledged position), never dead-lettered. Tansu answers it to a produce that races the
 # creation of its topic.
 _SAYS_NOTHING = {KafkaError.UNKNOWN}
+# The header naming the Kafka transaction a record belongs to (exactly-once mode).
+TXN_HEADER = "outbox_kafka_txn"
 
 
 class PublishError(RuntimeError):
@@ -57,14 +68,30 @@ class BatchPublisher:
         observe_latency: Callable[[float], None] = PUBLISH_LATENCY.observe,
         on_dead_letter: Callable[[], None] = lambda: None,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        transactional_id: str | None = None,
     ) -> None:
         self._settings = settings
         self._routes: dict[str, Route] = {}
         self.observe_latency = observe_latency
         # The relay's producer settings (no timeout, failures-only reports, its queue
         # bounds) are the `relay` role of outbox/kafka.py; only the callbacks are added here.
-        self._producer = producer_factory(producer_config(
-            settings, "relay", on_delivery=self._on_failed_delivery, error_cb=self._on_error))
+        config = producer_config(
+            settings, "relay", on_delivery=self._on_failed_delivery, error_cb=self._on_error)
+        if transactional_id is not None:
+            # Transactions need idempotence, and no message may outlive its transaction.
+            config.update({"transactional.id": transactional_id, "enable.idempotence": True,
+                           "transaction.timeout.ms": settings.relay_transaction_timeout_ms,
+                           "message.timeout.ms": settings.relay_transaction_timeout_ms})
+            config.pop("max.in.flight.requests.per.connection", None)
+        self._producer = producer_factory(config)
+        self.transactional_id = transactional_id
+        self.transactional = transactional_id is not None
+        # High bits of this producer's own, so no two producers' transactions share an id;
+        # a number, because the relay commits it as a group offset (relays/checkpointer.py).
+        self._txn_base = secrets.randbits(31) << 32
+        self._txn_count = 0
+        self.txn_id: int | None = None  # the open transaction's
+        self._txn_header: tuple[str, bytes] | None = None
         self._topics = TopicManager(settings)
         self._stop_requested = stop_requested
         self._on_dead_letter = on_dead_letter
@@ -83,7 +110,9 @@ class BatchPublisher:
         if err.fatal():
             self._fatal = str(err)
         elif ((msg.topic() or "").endswith(DLQ_SUFFIX) or err.retriable()
-              or err.code() in _SAYS_NOTHING):
+              or err.code() in _SAYS_NOTHING or self.transactional):
+            # A transaction with a failed message can only be aborted (then published
+            # again): its refused records cannot be dead-lettered inside it.
             self._failed.append(f"{msg.topic()}: {err}")
         else:
             self._refused.append((err, msg))
@@ -182,6 +211,10 @@ class BatchPublisher:
         self._sent = 0
 
     def _produce(self, topic: str, key: bytes, value: bytes, headers: list[Any]) -> None:
+        if self.transactional:
+            if self._txn_header is None:
+                self._begin_transaction()
+            headers = [*headers, self._txn_header]
         while True:
             try:
                 self._producer.produce(topic, value, key, headers=headers)
@@ -189,6 +222,74 @@ class BatchPublisher:
             except BufferError:  # local queue full: bounded memory, wait for acks
                 self._producer.poll(0.05)
                 self._raise_if_fatal()
+
+    def init_transactions(self) -> None:
+        """Take over the transactional id: any transaction a previous holder left open is
+        aborted, and that holder is fenced (its commits fail from now on)."""
+        self._transaction_call(self._producer.init_transactions,
+                               self._settings.relay_transaction_timeout_ms / 1000)
+
+    def ensure_transaction(self) -> int:
+        """The open transaction's id, begun now if none is open (a position with no
+        records)."""
+        if self._txn_header is None:
+            self._begin_transaction()
+        assert self.txn_id is not None
+        return self.txn_id
+
+    def _begin_transaction(self) -> None:
+        self._transaction_call(self._producer.begin_transaction)
+        self._txn_count += 1
+        self.txn_id = self._txn_base | self._txn_count
+        self._txn_header = (TXN_HEADER, str(self.txn_id).encode())
+
+    def commit_transaction(self, position_topic: str, key: bytes, position: bytes,
+                           offsets: list[TopicPartition], group_metadata: Any,
+                           grace_s: float = 10.0) -> None:
+        """Settle the open transaction, add the position record and the group offsets that
+        hold the position, and commit: all of it becomes visible, or none. On a failure the
+        transaction is aborted and PublishError (ProducerFatal when fenced) raised."""
+        assert self.txn_id is not None, "no transaction is open"
+        timeout = self._settings.relay_transaction_timeout_ms / 1000
+        try:
+            self.settle(grace_s)
+            self._produce(position_topic, key, position, [])
+            self._transaction_call(self._producer.send_offsets_to_transaction, offsets,
+                                   group_metadata, timeout)
+            self._transaction_call(self._producer.commit_transaction, timeout)
+        except ProducerFatal:
+            raise
+        except PublishError:
+            self.abort_transaction()
+            raise
+        self.txn_id = self._txn_header = None
+        self._sent = 0
+
+    def abort_transaction(self) -> None:
+        """Abort the open transaction, if any (its records are withdrawn)."""
+        if self._txn_header is None:
+            return
+        self._refused.clear()
+        self._failed.clear()
+        try:
+            self._transaction_call(self._producer.abort_transaction,
+                                   self._settings.relay_transaction_timeout_ms / 1000)
+        except PublishError as exc:  # a producer that cannot abort cannot go on either
+            raise ProducerFatal(f"the transaction could not be aborted: {exc}") from exc
+        self.txn_id = self._txn_header = None
+        self._sent = 0
+
+    def _transaction_call(self, call: Callable[..., Any], *args: Any) -> Any:
+        """A transactional API call; a Kafka error becomes ProducerFatal (fenced, or the
+        producer is broken) or PublishError (the transaction must be aborted or retried)."""
+        try:
+            return call(*args)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal():
+                self._fatal = str(err)
+                raise ProducerFatal(f"the producer cannot go on: {err}") from exc
+            raise PublishError(f"{call.__name__}: {err}") from exc
 
     def _dead_letter(self, topic: str, key: bytes, value: bytes, headers: list[Any],
                      reason: str, payload_omitted: bool = False) -> None:
@@ -234,6 +335,11 @@ class BatchPublisher:
         (the position was never moved past what is withdrawn)."""
         if self._trail is not None:
             self._trail.discard()
+        if self._txn_header is not None and self._fatal is None:
+            try:
+                self._producer.abort_transaction(timeout_s)
+            except KafkaException as exc:  # the next holder's init_transactions aborts it
+                log.warning("transaction_not_aborted", txn=self.txn_id, error=str(exc))
         if self._fatal is None:
             self._producer.flush(timeout_s)
         self._producer.purge()

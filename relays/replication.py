@@ -86,17 +86,19 @@ class ReplicationConnection:
 
     def read(self, timeout_s: float) -> bytes | None:
         """The pgoutput message of the next XLogData frame, waiting at most `timeout_s`;
-        None when nothing came. Keepalives are noted here (see `server_wal_end`)."""
+        None when nothing came, or a keepalive asks for a reply. Keepalives are noted here
+        (see `server_wal_end`)."""
         deadline = time.monotonic() + timeout_s
         while True:
             nbytes, data = self._pg.get_copy_data(1)
             if nbytes == 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
+                # Even with no time left, what already reached the socket is taken: a batch
+                # ends when the server has sent nothing more, not when libpq's buffer is empty.
+                remaining = max(0.0, deadline - time.monotonic())
                 ready, _, _ = select.select([self._pg.socket], [], [], remaining)
-                if ready:
-                    self._pg.consume_input()
+                if not ready:
+                    return None
+                self._pg.consume_input()
                 continue
             if nbytes < 0:
                 message = self._pg.get_result()
@@ -111,7 +113,8 @@ class ReplicationConnection:
                 _, wal_end, _, reply = _KEEPALIVE.unpack_from(data)
                 self.server_wal_end = max(self.server_wal_end, wal_end)
                 self.request_status = self.request_status or bool(reply)
-                return None
+                if reply:
+                    return None  # the server waits for an answer: let the caller give it
 
     def send_status(self, flushed: int, reply: bool = False) -> None:
         """Tell the server every change up to `flushed` is durable downstream: the slot's

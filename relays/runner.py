@@ -44,6 +44,7 @@ from outbox.readiness import (
     readiness_report,
 )
 from outbox.settings import Settings
+from relays.checkpointer import transactional_id
 from relays.election import LeaderLock
 from relays.janitor import purge_outbox, purge_processed_events
 from relays.logical import LogicalRelay, PublicationChanged, SchemaMismatch
@@ -55,6 +56,7 @@ from relays.metrics import (
     PUBLISH_ERRORS,
     PUBLISH_LATENCY,
 )
+from relays.pgoutput import TruncatedFrame
 from relays.poll import PollRelay
 from relays.publisher import BatchPublisher, ProducerFatal, PublishError
 from relays.replication import ReplicationError
@@ -74,7 +76,9 @@ PUBLICATION_RETRY_S = 2.0
 # messages or waits for acknowledgements (an outage, not a stall): ten minutes without
 # either is a call that will not return.
 STALL_S = 600.0
-RETRIABLE = (PublishError, KafkaException, psycopg.Error, ReplicationError, OSError)
+# A truncated frame is a stream cut short: read again from the position.
+RETRIABLE = (PublishError, KafkaException, psycopg.Error, ReplicationError, OSError,
+             TruncatedFrame)
 
 
 class Relay(Protocol):
@@ -206,7 +210,9 @@ class RelayProcess:
         publisher = self._publisher_factory(
             self.settings, stop_requested=self.stop.is_set,
             observe_latency=self._observe_latency,
-            on_dead_letter=DEAD_LETTERS.labels(self.mode).inc)
+            on_dead_letter=DEAD_LETTERS.labels(self.mode).inc,
+            transactional_id=transactional_id(self.settings, self.dsn)
+            if self.mode == "logical" else None)
         self._publisher = publisher
         relay = self._make_relay(publisher)
         try:

@@ -20,6 +20,7 @@ repairs it): a least-privileged relay only checks it, and waits while it is miss
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -161,11 +162,11 @@ class SlotKeeper:
             return "the publication changed since the slot was made"
         return None
 
-    def recreate(self, reason: str, fingerprint: str, publisher: BatchPublisher
-                 ) -> tuple[ReplicationConnection, int]:
+    def recreate(self, reason: str, fingerprint: str, publisher: BatchPublisher,
+                 settle: Callable[[], None]) -> tuple[ReplicationConnection, int]:
         """Drop the slot, make it again with an exported snapshot, and publish the rows the
-        stream will not carry. Returns the replication connection (ready to stream) and the
-        position to stream from."""
+        stream will not carry (`settle` makes each chunk durable in Kafka). Returns the
+        replication connection (ready to stream) and the position to stream from."""
         record = self.record()
         since = None if record is None else (record.acked_commit_at or record.backfilled_at)
         state = self.state()
@@ -186,7 +187,7 @@ class SlotKeeper:
                 " acked_commit_at, publication_fingerprint) values (%s, %s, %s, %s, %s)",
                 (self.slot, created.consistent_point, created.consistent_point, since,
                  fingerprint))
-            count = self._backfill(created.snapshot, since, publisher)
+            count = self._backfill(created.snapshot, since, publisher, settle)
         except BaseException:
             stream.close()
             raise
@@ -197,7 +198,7 @@ class SlotKeeper:
         return stream, created.consistent_point
 
     def _backfill(self, snapshot: str | None, since: datetime | None,
-                  publisher: BatchPublisher) -> int:
+                  publisher: BatchPublisher, settle: Callable[[], None]) -> int:
         """Publish the unpublished rows of the slot's snapshot (created since `since` minus
         the margin, when the relay published before), oldest first."""
         lower = (None if since is None
@@ -212,7 +213,10 @@ class SlotKeeper:
                             " and (%s::timestamptz is null or created_at >= %s) order by seq",
                             (lower, lower))
                 while rows := cur.fetchmany(self._settings.relay_batch_size):
-                    total += publisher.publish(record_from_row(r) for r in rows)
+                    for row in rows:
+                        publisher.send(record_from_row(row))
+                    settle()
+                    total += len(rows)
             conn.execute("commit")
         return total
 

@@ -192,6 +192,19 @@ class RelayProc:
             time.sleep(0.1)
         raise AssertionError(f"relay never became {role}")
 
+    def wait_publishing(self, timeout_s: float = 60) -> None:
+        """Wait until this relay leads with its slot set up (ready on /readyz)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/readyz",
+                                timeout=1).status_code == 200 and self.health()["role"] == "leader":
+                    return
+            except (requests.RequestException, TypeError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError("the relay never started publishing")
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -260,3 +273,105 @@ def stack(*command: str) -> None:
     """Run an `infra/stack.sh` command (stop-broker, start-broker, down postgres...)."""
     subprocess.run([str(ROOT / "infra" / "stack.sh"), *command], check=True,
                    capture_output=True)
+
+
+@dataclass
+class TransactionalRead:
+    """A topic read by an exactly-once consumer, its records told apart by the Kafka
+    transaction each belongs to (header `outbox_kafka_txn`): `committed` counts the events
+    of committed transactions, `leaked` those of aborted ones the broker let through."""
+
+    committed: Counter = field(default_factory=Counter)
+    leaked: Counter = field(default_factory=Counter)
+    untagged: int = 0  # records without the header (written outside any transaction)
+    transactions: int = 0  # committed transactions found on the position chain
+    partial_positions: int = 0  # committed positions inside a large PostgreSQL transaction
+
+    @property
+    def duplicates(self) -> int:
+        return sum(c - 1 for c in self.committed.values())
+
+
+def committed_transactions(bootstrap: str, positions_topic: str, txn_id: str
+                           ) -> tuple[set[int], int]:
+    """The ids of the committed Kafka transactions of the relay `txn_id`, and how many of
+    them committed a part of a PostgreSQL transaction. The group offset the relay commits
+    in each transaction names the last one (a transactional offset commit is visible only
+    once committed, on this broker too); each position record names the one before it, so
+    the chain from the last one back is every committed transaction, and a position record
+    off the chain is an aborted transaction's."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=txn_id,
+                             enable_auto_commit=False, consumer_timeout_ms=2000,
+                             isolation_level="read_committed")
+    try:
+        last = consumer.committed(TopicPartition(positions_topic, 3))  # the txn's id
+        if last is None:
+            return set(), 0
+        parts = consumer.partitions_for_topic(positions_topic) or set()
+        consumer.assign([TopicPartition(positions_topic, p) for p in parts])
+        consumer.seek_to_beginning()
+        positions = {}
+        for msg in consumer:
+            if msg.key == txn_id.encode():
+                record = json.loads(msg.value)
+                positions[record["txn"]] = record
+    finally:
+        consumer.close()
+    chain, partial, txn = set(), 0, last
+    while txn is not None and txn not in chain:
+        chain.add(txn)
+        record = positions.get(txn)
+        if record is None:
+            raise AssertionError(f"no position record of committed transaction {txn}")
+        partial += record.get("rows") is not None
+        txn = record["prev_txn"]
+    return chain, partial
+
+
+def read_transactional(bootstrap: str, topic: str, expect: set[str], txn_id: str,
+                       positions_topic: str = "outbox-relay-positions",
+                       timeout_s: float = 90) -> TransactionalRead:
+    """Read `topic` from the beginning with kafka-python as a `read_committed` consumer
+    until every id in `expect` was seen among the committed transactions' records (or the
+    timeout passes)."""
+    out = TransactionalRead()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=1000, isolation_level="read_committed")
+    seen: list[tuple[str, bytes | None]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        parts = None
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                time.sleep(0.5)
+        if not parts:
+            return out
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        consumer.seek_to_beginning()
+        ids: set[str] = set()
+        while True:
+            for msg in consumer:
+                try:
+                    event_id = json.loads(msg.value)["id"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # not an envelope
+                seen.append((event_id, dict(msg.headers).get("outbox_kafka_txn")))
+                ids.add(event_id)
+            if not expect <= ids and time.monotonic() < deadline:
+                continue  # the chain is read once everything expected arrived in some form
+            chain, out.partial_positions = committed_transactions(bootstrap, positions_topic,
+                                                                  txn_id)
+            out.committed, out.leaked, out.untagged = Counter(), Counter(), 0
+            for event_id, txn in seen:
+                if txn is None:
+                    out.untagged += 1
+                elif int(txn) in chain:
+                    out.committed[event_id] += 1
+                else:
+                    out.leaked[event_id] += 1
+            out.transactions = len(chain)
+            if expect <= set(out.committed) or time.monotonic() > deadline:
+                return out
+    finally:
+        consumer.close()

@@ -190,3 +190,28 @@ def test_librdkafka_rejects_what_the_passthrough_gets_wrong():
                                kafka_properties={"sasl.mechanism": "NO-SUCH-MECHANISM"}))
     with pytest.raises(KafkaException, match=r"property: \"no\.such\.property\""):
         make_admin(Settings(kafka_properties={"no.such.property": "1"}))
+
+
+def test_consumers_read_only_committed_transactions():
+    s = Settings(**NOWHERE)
+    assert consumer_config(s, "g", 6000)["isolation.level"] == "read_committed"
+    assert reader_config(s, "g")["isolation.level"] == "read_committed"
+
+
+def test_the_exactly_once_relay_produces_in_transactions_no_message_outliving_one():
+    s = Settings(**NOWHERE, kafka_idempotence=False, relay_transaction_timeout_ms=30_000)
+    seen: list[dict] = []
+
+    def capture(config: dict):
+        seen.append(config)
+        return make_producer(s)
+
+    publisher = BatchPublisher(s, stop_requested=lambda: True, producer_factory=capture,
+                               transactional_id="outbox-relay.db.slot")
+    publisher.close()
+    config = seen[0]
+    assert config["transactional.id"] == "outbox-relay.db.slot"
+    # Transactions need idempotence, whatever the deployment's setting for other producers.
+    assert config["enable.idempotence"] is True
+    assert "max.in.flight.requests.per.connection" not in config
+    assert config["message.timeout.ms"] == config["transaction.timeout.ms"] == 30_000
