@@ -12,11 +12,24 @@ from outbox.db import libpq_dsn
 from outbox.emit_mode import NO_ROWS_NOTE, stored_emit_mode
 from outbox.pg_names import publication_name, relay_lock_name, slot_name
 from outbox.settings import Settings
-from relays.checkpointer import transactional_id
+from relays.checkpointer import kafka_position, transactional_id
 from relays.election import LeaderLock
 from relays.logical import LogicalRelay
-from relays.publisher import BatchPublisher
+from relays.publisher import BatchPublisher, PublishError
 from relays.replication import int_to_lsn, lsn_to_int
+
+
+def _delivery(settings: Settings) -> dict[str, Any]:
+    """The relay's delivery mode and, exactly-once, the position Kafka holds (None when
+    Kafka cannot be read: the rest of the report does not depend on it)."""
+    txn_id = transactional_id(settings, libpq_dsn(settings))
+    if txn_id is None:
+        return {"mode": "at-least-once"}
+    try:
+        position = kafka_position(settings, txn_id)
+    except PublishError as exc:
+        position = {"error": str(exc)}
+    return {"mode": "exactly-once", "transactional_id": txn_id, "kafka_position": position}
 
 
 class RelayBusy(RuntimeError):
@@ -73,7 +86,7 @@ def relay_status(settings: Settings) -> dict[str, Any]:
     return {"schema": schema, "slot": slot, "publication": {
         "name": params["pub"], "exists": publication is not None, "tables": tables,
         "covers_outbox": covered}, "leader": leader, "acknowledged": record,
-        "emit_mode": mode,
+        "emit_mode": mode, "delivery": _delivery(settings),
         # Message mode writes no rows: what waits is in the WAL only (see the slot's lag).
         "unpublished_estimate": waiting, "estimate_note": NO_ROWS_NOTE if mode == "message"
         else None, "problems": problems}

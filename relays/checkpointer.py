@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 import structlog
@@ -82,6 +83,36 @@ def ensure_positions_topic(settings: Settings) -> None:
             "in OUTBOX_RELAY_POSITIONS_TOPIC")
 
 
+def read_position(reader: Consumer, topic: str) -> tuple[Held, int] | None:
+    """What Kafka holds and the id of the last committed transaction, from the offsets of
+    `reader`'s group (the transactional id) on `topic`; None when it never committed."""
+    try:
+        found = reader.committed([TopicPartition(topic, p) for p in range(POSITION_PARTITIONS)],
+                                 timeout=30)
+    except KafkaException as exc:
+        raise PublishError(f"could not read the position in Kafka: {exc}") from exc
+    offsets = [tp.offset for tp in found]
+    if min(offsets) < 0:  # never committed (a negative offset is the client's "none")
+        return None
+    rows = offsets[ROWS] - 1
+    return (Held(offsets[COMMIT_LSN], offsets[END_LSN], None if rows < 0 else rows),
+            offsets[TXN])
+
+
+def kafka_position(settings: Settings, txn_id: str) -> dict[str, Any] | None:
+    """The exactly-once relay's position in Kafka, for people (`outbox relay status`)."""
+    reader = make_reader(settings, txn_id, log_level=0)
+    try:
+        found = read_position(reader, settings.relay_positions_topic)
+    finally:
+        reader.close()
+    if found is None:
+        return None
+    held, txn = found
+    return {"end_lsn": int_to_lsn(held.end_lsn), "commit_lsn": int_to_lsn(held.commit_lsn),
+            "rows_of_a_transaction_in_parts": held.rows, "last_transaction": txn}
+
+
 class PublicationChanged(RuntimeError):
     """The publication stopped covering the outbox, or was made again: inserts may have
     been skipped by the stream, so the slot must be recreated with a backfill."""
@@ -134,23 +165,14 @@ class Checkpointer:
         self._publisher.init_transactions()
         ensure_positions_topic(self._settings)
         if self._reader is None:
-            self._reader = make_reader(self._settings, self.txn_id,
-                                       **{"isolation.level": "read_committed"})
-        try:
-            found = self._reader.committed(
-                [TopicPartition(self._topic, p) for p in range(POSITION_PARTITIONS)],
-                timeout=30)
-        except KafkaException as exc:
-            raise PublishError(f"could not read the position in Kafka: {exc}") from exc
-        offsets = [tp.offset for tp in found]
-        if min(offsets) < 0:  # never committed (a negative offset is the client's "none")
+            self._reader = make_reader(self._settings, self.txn_id)
+        found = read_position(self._reader, self._topic)
+        if found is None:
             log.info("kafka_position", transactional_id=self.txn_id, held="nothing")
             self.held = Held(0, 0)
             return None
-        rows = offsets[ROWS] - 1
-        held = self.held = Held(offsets[COMMIT_LSN], offsets[END_LSN],
-                                None if rows < 0 else rows)
-        self.last_committed_txn = offsets[TXN]
+        held, self.last_committed_txn = found
+        self.held = held
         log.info("kafka_position", transactional_id=self.txn_id,
                  commit_lsn=int_to_lsn(held.commit_lsn), end_lsn=int_to_lsn(held.end_lsn),
                  rows=held.rows, txn=self.last_committed_txn)

@@ -82,6 +82,7 @@ def _print_status(status: dict) -> None:
                         f"{', '.join(status['publication']['tables']) or '(no tables)'}"),
         ("leader", "(none)" if leader is None else _leader(leader)),
         ("acknowledged", f"{ack.get('acked_lsn', '-')} (commit {ack.get('acked_commit_at')})"),
+        ("delivery", _delivery(status["delivery"])),
         ("waiting (estimate)", "not counted: no outbox rows in message mode, see the "
                                "slot's lag" if status["estimate_note"] else
                                f"{waiting['rows']} rows, oldest {waiting['oldest_s'] or 0:.1f} s"),
@@ -91,6 +92,23 @@ def _print_status(status: dict) -> None:
     Console().print(table)
     for problem in status["problems"]:
         print(f"attention: {problem}")
+
+
+def _delivery(delivery: dict) -> str:
+    """The delivery mode, and exactly-once where Kafka's position is."""
+    if delivery["mode"] != "exactly-once":
+        return delivery["mode"]
+    position = delivery["kafka_position"]
+    if position is None:
+        held = "nothing committed in Kafka yet"
+    elif "error" in position:
+        held = position["error"]
+    else:
+        parts = position["rows_of_a_transaction_in_parts"]
+        held = f"Kafka holds up to {position['end_lsn']}" + (
+            "" if parts is None else f", and {parts} rows of the transaction at "
+            f"{position['commit_lsn']}")
+    return f"exactly-once ({delivery['transactional_id']}): {held}"
 
 
 def _leader(leader: dict) -> str:

@@ -49,6 +49,11 @@ class LogicalRelay:
         self.exactly_once = publisher.transactional_id is not None
         self.checkpointer = Checkpointer(settings, self.keeper, publisher,
                                          publisher.transactional_id)
+        # Exactly-once, a batch is a Kafka transaction, whose commit costs as much for ten
+        # events as for ten thousand (a marker in every partition it wrote): a backlog is
+        # drained in transactions as large as a PostgreSQL transaction may make one.
+        self._batch_limit = max(settings.relay_batch_size, settings.relay_transaction_max_events
+                                if self.exactly_once else 0)
         self.processor = Processor(
             publisher,
             split_every=settings.relay_transaction_max_events if self.exactly_once else None,
@@ -107,8 +112,7 @@ class LogicalRelay:
         processor, checkpointer = self.processor, self.checkpointer
         processor.new_batch()
         try:
-            self.listener.read(processor, self._settings.relay_batch_size,
-                               self._settings.relay_poll_interval_s)
+            self.listener.read(processor, self._batch_limit, self._settings.relay_poll_interval_s)
         except _STREAM_FAILURES:
             self._keep_what_is_whole()
             raise

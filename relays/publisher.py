@@ -47,6 +47,9 @@ _WITHDRAWN = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 _SAYS_NOTHING = {KafkaError.UNKNOWN}
 # The header naming the Kafka transaction a record belongs to (exactly-once mode).
 TXN_HEADER = "outbox_kafka_txn"
+# A broker connection lost: a request in flight then may be answered, after the broker's
+# restart, as a duplicate it never stored (the local broker does; README, "Broker caveats").
+_CONNECTION_LOST = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
 
 
 class PublishError(RuntimeError):
@@ -92,6 +95,8 @@ class BatchPublisher:
         self._txn_count = 0
         self.txn_id: int | None = None  # the open transaction's
         self._txn_header: tuple[str, bytes] | None = None
+        self._connection_lost_in_txn = False
+        self._initialized = False
         self._topics = TopicManager(settings)
         self._stop_requested = stop_requested
         self._on_dead_letter = on_dead_letter
@@ -118,6 +123,8 @@ class BatchPublisher:
             self._refused.append((err, msg))
 
     def _on_error(self, err: KafkaError) -> None:
+        if err.code() in _CONNECTION_LOST and self._txn_header is not None:
+            self._connection_lost_in_txn = True
         if err.fatal():
             self._fatal = str(err)
             log.error("producer_fatal", error=str(err))
@@ -225,9 +232,13 @@ class BatchPublisher:
 
     def init_transactions(self) -> None:
         """Take over the transactional id: any transaction a previous holder left open is
-        aborted, and that holder is fenced (its commits fail from now on)."""
+        aborted, and that holder is fenced (its commits fail from now on). Once per
+        producer: the client refuses a second time."""
+        if self._initialized:
+            return
         self._transaction_call(self._producer.init_transactions,
                                self._settings.relay_transaction_timeout_ms / 1000)
+        self._initialized = True
 
     def ensure_transaction(self) -> int:
         """The open transaction's id, begun now if none is open (a position with no
@@ -240,6 +251,7 @@ class BatchPublisher:
     def _begin_transaction(self) -> None:
         self._transaction_call(self._producer.begin_transaction)
         self._txn_count += 1
+        self._connection_lost_in_txn = False
         self.txn_id = self._txn_base | self._txn_count
         self._txn_header = (TXN_HEADER, str(self.txn_id).encode())
 
@@ -252,8 +264,12 @@ class BatchPublisher:
         assert self.txn_id is not None, "no transaction is open"
         timeout = self._settings.relay_transaction_timeout_ms / 1000
         try:
-            self.settle(grace_s)
             self._produce(position_topic, key, position, [])
+            self.settle(grace_s)
+            if self._connection_lost_in_txn:
+                # Its records were all acknowledged, but one acknowledgement may be a
+                # broker's duplicate answer for a request it lost: publish them again.
+                raise PublishError("a broker connection was lost during the transaction")
             self._transaction_call(self._producer.send_offsets_to_transaction, offsets,
                                    group_metadata, timeout)
             self._transaction_call(self._producer.commit_transaction, timeout)
@@ -304,6 +320,20 @@ class BatchPublisher:
         log.error("row_dead_lettered", topic=dead, id=record_field(headers, value, "id"),
                   reason=reason)
 
+    def _flush(self, timeout_s: float) -> int:
+        """`flush`, whose errors say whether the producer can go on. A fenced transactional
+        producer raises from inside the client's callbacks (as a SystemError whose cause is
+        the KafkaException)."""
+        try:
+            return self._producer.flush(timeout_s)
+        except (KafkaException, SystemError) as exc:
+            cause = exc if isinstance(exc, KafkaException) else (exc.__cause__
+                                                                 or exc.__context__)
+            if isinstance(cause, KafkaException) and cause.args[0].fatal():
+                self._fatal = str(cause.args[0])
+            self._raise_if_fatal()
+            raise PublishError(f"waiting for acknowledgements: {exc}") from exc
+
     def _raise_if_fatal(self) -> None:
         if self._fatal is not None:
             raise ProducerFatal(f"the producer cannot go on: {self._fatal}")
@@ -312,7 +342,7 @@ class BatchPublisher:
         stop_deadline: float | None = None
         self._acks_awaited_since = time.monotonic()
         try:
-            while self._producer.flush(0.5) > 0:
+            while self._flush(0.5) > 0:
                 self.progress_at = time.monotonic()
                 self._raise_if_fatal()
                 if self._stop_requested():

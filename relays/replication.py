@@ -65,6 +65,7 @@ class ReplicationConnection:
         self._pg = self._conn.pgconn
         self.server_wal_end = 0  # how far the server said it has decoded (keepalives)
         self.request_status = False  # the server asked for a status update
+        self._flushed = 0  # the last position sent
 
     def create_slot(self, slot: str, export_snapshot: bool) -> CreatedSlot:
         """Create a pgoutput slot; with `export_snapshot`, the snapshot of its consistent
@@ -86,8 +87,8 @@ class ReplicationConnection:
 
     def read(self, timeout_s: float) -> bytes | None:
         """The pgoutput message of the next XLogData frame, waiting at most `timeout_s`;
-        None when nothing came, or a keepalive asks for a reply. Keepalives are noted here
-        (see `server_wal_end`)."""
+        None when nothing came. Keepalives are noted here (see `server_wal_end`), and
+        answered when they ask for it."""
         deadline = time.monotonic() + timeout_s
         while True:
             nbytes, data = self._pg.get_copy_data(1)
@@ -112,9 +113,12 @@ class ReplicationConnection:
                 # before it that touched the publication was sent before this frame.
                 _, wal_end, _, reply = _KEEPALIVE.unpack_from(data)
                 self.server_wal_end = max(self.server_wal_end, wal_end)
-                self.request_status = self.request_status or bool(reply)
                 if reply:
-                    return None  # the server waits for an answer: let the caller give it
+                    # Answered at once with the last position given, even in the middle of
+                    # a long batch: a server left without an answer ends the stream after
+                    # wal_sender_timeout. The caller answers with a newer one after the batch.
+                    self.send_status(self._flushed)
+                    self.request_status = True
 
     def send_status(self, flushed: int, reply: bool = False) -> None:
         """Tell the server every change up to `flushed` is durable downstream: the slot's
@@ -123,6 +127,7 @@ class ReplicationConnection:
         frame = _STATUS.pack(b"r", flushed, flushed, flushed, pg_now_us(), int(reply))
         if self._pg.put_copy_data(frame) != 1 or self._pg.flush() != 0:
             raise ReplicationError("could not send the standby status update")
+        self._flushed = flushed
         self.request_status = False
 
     def close(self) -> None:

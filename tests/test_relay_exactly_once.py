@@ -15,10 +15,11 @@ from sqlalchemy import text
 
 from outbox.db import libpq_dsn
 from outbox.pg_names import slot_name
+from relays.admin import relay_status
 from relays.checkpointer import transactional_id
 from relays.logical import LogicalRelay
 from relays.publisher import BatchPublisher, PublishError
-from relays.replication import ReplicationError
+from relays.replication import ReplicationError, int_to_lsn
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
     LoadResult,
@@ -28,13 +29,22 @@ from tests.relay_harness import (
 )
 
 pytestmark = pytest.mark.slow
-EXACTLY_ONCE = {"OUTBOX_RELAY_EXACTLY_ONCE": "true"}
 
 
 @pytest.fixture
 def eo_settings(relay_settings):
-    """The test's settings with the exactly-once relay."""
-    return relay_settings.model_copy(update={"relay_exactly_once": True})
+    """The test's settings with the exactly-once relay, and a positions topic of its own (a
+    reader walks the whole topic back, and the shared one holds every test's positions)."""
+    return relay_settings.model_copy(update={
+        "relay_exactly_once": True,
+        "relay_positions_topic": f"{relay_settings.topic_prefix}.relay-positions"})
+
+
+@pytest.fixture
+def eo_env(eo_settings) -> dict[str, str]:
+    """The environment of a relay process with `eo_settings`' delivery."""
+    return {"OUTBOX_RELAY_EXACTLY_ONCE": "true",
+            "OUTBOX_RELAY_POSITIONS_TOPIC": eo_settings.relay_positions_topic}
 
 
 def _topic(settings) -> str:
@@ -69,9 +79,9 @@ def _read(settings, expect: set[str]):
                               _txn_id(settings), settings.relay_positions_topic)
 
 
-def test_every_committed_event_once_in_committed_transactions(eo_settings, engine, relays):
+def test_every_committed_event_once_in_committed_transactions(eo_settings, eo_env, engine, relays):
     create_counter_table(engine, aggregates=30)
-    relay = relays("logical", **EXACTLY_ONCE)
+    relay = relays("logical", **eo_env)
     relay.wait_role("leader")
     load = write_load(engine, events=5000, aggregates=30, threads=6)
     got = _read(eo_settings, load.committed)
@@ -80,10 +90,16 @@ def test_every_committed_event_once_in_committed_transactions(eo_settings, engin
     assert got.transactions > 1
     position = _position(eo_settings)
     assert position is not None and position["rows"] is None and position["end_lsn"] > 0
+    # `outbox relay status` shows the mode and what Kafka holds.
+    delivery = relay_status(eo_settings)["delivery"]
+    assert delivery["mode"] == "exactly-once" and delivery["transactional_id"] == _txn_id(
+        eo_settings)
+    assert delivery["kafka_position"]["end_lsn"] == int_to_lsn(position["end_lsn"])
     assert relay.terminate() == 0
 
 
-def test_sigkills_leave_no_duplicate_among_committed_transactions(eo_settings, engine, relays):
+def test_sigkills_leave_no_duplicate_among_committed_transactions(eo_settings, eo_env, engine,
+                                                                  relays):
     create_counter_table(engine, aggregates=20)
     load = LoadResult()
     writer = threading.Thread(target=write_load, args=(engine,),
@@ -92,19 +108,20 @@ def test_sigkills_leave_no_duplicate_among_committed_transactions(eo_settings, e
     writer.start()
     kills = 0
     while writer.is_alive() or kills < 3:
-        relay = relays("logical", **EXACTLY_ONCE)
-        relay.wait_role("leader")
+        relay = relays("logical", **eo_env)
+        relay.wait_publishing()  # killed while streaming (a killed backfill repeats)
         time.sleep(0.7)
         relay.kill()
         kills += 1
     writer.join()
-    relays("logical", **EXACTLY_ONCE).wait_role("leader")
+    relays("logical", **eo_env).wait_role("leader")
     got = _read(eo_settings, load.committed)
     assert set(got.committed) == load.committed
     assert got.duplicates == 0
 
 
-def test_what_kafka_holds_beyond_the_database_record_is_skipped(eo_settings, engine, relays):
+def test_what_kafka_holds_beyond_the_database_record_is_skipped(eo_settings, eo_env, engine,
+                                                                relays):
     """A relay commits its batches in Kafka and dies before recording any in the database:
     its successor starts from the older record, and skips what Kafka holds."""
     create_counter_table(engine, aggregates=10)
@@ -129,7 +146,7 @@ def test_what_kafka_holds_beyond_the_database_record_is_skipped(eo_settings, eng
                                 (slot_name(eo_settings.db_schema),)).fetchone()[0]
     position = _position(eo_settings)
     assert position is not None and recorded < position["end_lsn"]
-    relay = relays("logical", **EXACTLY_ONCE)
+    relay = relays("logical", **eo_env)
     relay.wait_role("leader")
     second = write_load(engine, events=500, aggregates=10, threads=2, seed=2)
     everything = first.committed | second.committed
@@ -189,12 +206,13 @@ def _set_up(relay: LogicalRelay) -> bool:
         return False
 
 
-def test_a_large_transaction_published_in_parts_resumes_inside_it(eo_settings, engine, relays):
+def test_a_large_transaction_published_in_parts_resumes_inside_it(eo_settings, eo_env, engine,
+                                                                  relays):
     """A PostgreSQL transaction of 20,000 events with at most 2,000 per Kafka transaction:
     the relay is killed once a part is committed, and its successor resumes after the rows
     Kafka holds, inside the same PostgreSQL transaction."""
     create_counter_table(engine, aggregates=1)
-    parts = {"OUTBOX_RELAY_TRANSACTION_MAX_EVENTS": "2000", **EXACTLY_ONCE}
+    parts = {"OUTBOX_RELAY_TRANSACTION_MAX_EVENTS": "2000", **eo_env}
     relay = relays("logical", **parts)
     relay.wait_publishing()  # the slot exists: the transaction comes through the stream
     with engine.begin() as conn:
