@@ -40,11 +40,22 @@ def headline(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "hop_latency": pipeline["hop_latency"],
         "hop_latency_fast_fetch": pipeline["hop_latency_fast_fetch"],
         "continuous_audit": parts["repair"].get("continuous_audit"),
-        "relay": {"logical_events_per_s": parts["relay"]["relay_logical"]["events_per_s"],
-                  "logical_ratio": parts["relay"]["relay_logical"]["ratio"],
-                  "commit_to_ack_ms": {k: parts["relay"]["latency"]["ack"][k]
-                                       for k in ("p50_ms", "p99_ms")}},
+        "relay": _relay(parts["relay"]),
     }
+
+
+def _relay(relay: dict[str, Any]) -> dict[str, Any]:
+    """The logical relay's figures, at-least-once and exactly-once."""
+    latency = relay["latency"]
+    return {"logical_events_per_s": relay["relay_logical"]["events_per_s"],
+            "logical_ratio": relay["relay_logical"]["ratio"],
+            "commit_to_ack_ms": {k: latency["ack"][k] for k in ("p50_ms", "p99_ms")},
+            "logical_exactly_once_events_per_s":
+                relay["relay_logical_exactly_once"]["events_per_s"],
+            "exactly_once_ratio": relay["exactly_once_vs_at_least_once"]["ratio"],
+            "commit_to_ack_ms_exactly_once": {k: latency["ack_exactly_once"][k]
+                                              for k in ("p50_ms", "p99_ms")},
+            "commit_to_ack_rate_per_s": latency["ack"]["rate_per_s"]}
 
 
 def _worst(hops: dict[str, Any], key: str) -> float | None:
@@ -79,6 +90,15 @@ def _rows(h: dict[str, Any]) -> list[str]:
          _target(fast50, at_most=100)),
         ("the same, fetch wait 50 ms: worst p99 ms", fast99, "<= 500",
          _target(fast99, at_most=500)),
+    ]
+    relay = h["relay"]
+    eo_p99 = relay["commit_to_ack_ms_exactly_once"]["p99_ms"]
+    rows += [
+        ("relay exactly-once / at-least-once throughput", relay["exactly_once_ratio"],
+         ">= 0.8", _target(relay["exactly_once_ratio"], at_least=0.8)),
+        (f"relay exactly-once commit-to-ack p99 ms at "
+         f"{relay['commit_to_ack_rate_per_s']:,} events/s", eo_p99, "<= 100",
+         _target(eo_p99, at_most=100)),
     ]
     audit = h["continuous_audit"]
     if audit is not None:

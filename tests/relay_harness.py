@@ -112,6 +112,30 @@ class TopicRead:
         return sum(c - 1 for c in self.ids.values())
 
 
+def assign_from_start(consumer: KafkaConsumer, topic: str, deadline: float) -> bool:
+    """Assign every partition of `topic` to `consumer` from its start, once the topic exists
+    (False when it did not by `deadline`)."""
+    parts = None
+    while not parts and time.monotonic() < deadline:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            time.sleep(0.5)
+    if not parts:
+        return False
+    consumer.assign([TopicPartition(topic, p) for p in parts])
+    consumer.seek_to_beginning()
+    return True
+
+
+def load_in_background(engine: Engine, **kwargs: int) -> tuple[threading.Thread, LoadResult]:
+    """`write_load` on a thread of its own (started); its result fills in as it goes."""
+    result = LoadResult()
+    writer = threading.Thread(target=write_load, args=(engine,),
+                              kwargs={**kwargs, "result": result})
+    writer.start()
+    return writer, result
+
+
 def read_topic(bootstrap: str, topic: str, expect: set[str], timeout_s: float = 90) -> TopicRead:
     """Read `topic` from the beginning with kafka-python until every id in `expect` was
     seen (or the timeout passes); record per-aggregate versions in partition order."""
@@ -119,16 +143,9 @@ def read_topic(bootstrap: str, topic: str, expect: set[str], timeout_s: float = 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              consumer_timeout_ms=1000)
     deadline = time.monotonic() + timeout_s
-    parts = None
-    while not parts and time.monotonic() < deadline:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            time.sleep(0.5)
-    if not parts:
+    if not assign_from_start(consumer, topic, deadline):
         consumer.close()
         return out
-    consumer.assign([TopicPartition(topic, p) for p in parts])
-    consumer.seek_to_beginning()
     while time.monotonic() < deadline and not expect <= set(out.ids):
         for msg in consumer:
             try:
@@ -340,15 +357,8 @@ def read_transactional(bootstrap: str, topic: str, expect: set[str], txn_id: str
     seen: list[tuple[str, bytes | None]] = []
     deadline = time.monotonic() + timeout_s
     try:
-        parts = None
-        while not parts and time.monotonic() < deadline:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                time.sleep(0.5)
-        if not parts:
+        if not assign_from_start(consumer, topic, deadline):
             return out
-        consumer.assign([TopicPartition(topic, p) for p in parts])
-        consumer.seek_to_beginning()
         ids: set[str] = set()
         while True:
             for msg in consumer:

@@ -213,5 +213,5 @@ def test_the_exactly_once_relay_produces_in_transactions_no_message_outliving_on
     assert config["transactional.id"] == "outbox-relay.db.slot"
     # Transactions need idempotence, whatever the deployment's setting for other producers.
     assert config["enable.idempotence"] is True
-    assert "max.in.flight.requests.per.connection" not in config
+    assert config["max.in.flight.requests.per.connection"] == 1  # as the deployment's
     assert config["message.timeout.ms"] == config["transaction.timeout.ms"] == 30_000

@@ -5,7 +5,6 @@ parts."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
@@ -22,8 +21,8 @@ from relays.publisher import BatchPublisher, PublishError
 from relays.replication import ReplicationError, int_to_lsn
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
-    LoadResult,
     create_counter_table,
+    load_in_background,
     read_transactional,
     write_load,
 )
@@ -101,11 +100,7 @@ def test_every_committed_event_once_in_committed_transactions(eo_settings, eo_en
 def test_sigkills_leave_no_duplicate_among_committed_transactions(eo_settings, eo_env, engine,
                                                                   relays):
     create_counter_table(engine, aggregates=20)
-    load = LoadResult()
-    writer = threading.Thread(target=write_load, args=(engine,),
-                              kwargs={"events": 6000, "aggregates": 20, "threads": 4,
-                                      "result": load})
-    writer.start()
+    writer, load = load_in_background(engine, events=6000, aggregates=20, threads=4)
     kills = 0
     while writer.is_alive() or kills < 3:
         relay = relays("logical", **eo_env)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import psycopg
@@ -17,8 +16,8 @@ from outbox.kafka import dlq_topic
 from outbox.pg_names import relay_lock_name, slot_name
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
-    LoadResult,
     create_counter_table,
+    load_in_background,
     order_violations,
     read_topic,
     stack,
@@ -60,11 +59,7 @@ def test_exactly_the_committed_events_arrive_in_order(mode, relay_settings, engi
 @pytest.mark.parametrize("mode", MODES)
 def test_sigkill_during_load_loses_nothing(mode, relay_settings, engine, relays):
     create_counter_table(engine, aggregates=20)
-    load = LoadResult()
-    writer = threading.Thread(target=write_load, args=(engine,),
-                              kwargs={"events": 6000, "aggregates": 20, "threads": 4,
-                                      "result": load})
-    writer.start()
+    writer, load = load_in_background(engine, events=6000, aggregates=20, threads=4)
     kills = 0
     while writer.is_alive() or kills < 3:
         relay = relays(mode)
