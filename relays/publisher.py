@@ -341,6 +341,17 @@ class BatchPublisher:
             self._raise_if_fatal()
             raise PublishError(f"waiting for acknowledgements: {exc}") from exc
 
+    def _raise_if_transaction_stuck(self) -> None:
+        """A transaction with a failed message sends nothing more until it is aborted (so
+        its queue never drains), and one waiting longer than its timeout cannot commit:
+        either way, give it up now, to be aborted and published again."""
+        waited = time.monotonic() - (self._acks_awaited_since or time.monotonic())
+        if self._failed or waited * 1000 > self._settings.relay_transaction_timeout_ms:
+            failed, self._failed = self._failed, []
+            raise PublishError(f"the transaction cannot complete ({len(self._producer)} "
+                               f"messages unacknowledged after {waited:.0f} s"
+                               + (f"; first failure: {failed[0]})" if failed else ")"))
+
     def _raise_if_fatal(self) -> None:
         if self._fatal is not None:
             raise ProducerFatal(f"the producer cannot go on: {self._fatal}")
@@ -352,6 +363,8 @@ class BatchPublisher:
             while self._flush(0.5) > 0:
                 self.progress_at = time.monotonic()
                 self._raise_if_fatal()
+                if self.transactional:
+                    self._raise_if_transaction_stuck()
                 if self._stop_requested():
                     stop_deadline = stop_deadline or time.monotonic() + grace_s
                     if time.monotonic() > stop_deadline:
