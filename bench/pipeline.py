@@ -49,14 +49,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert, text
 from sqlalchemy.engine import Engine
 
-from app.demo import Processes, Upload, stage_times, start_pipeline, submit
-from app.settings import AppSettings
 from bench.cli import bench_main
 from bench.workers import bodies
 from outbox.db import make_engine
 from outbox.emit import emit
 from outbox.pg_names import slot_name
 from outbox.tables import outbox_table
+from outbox_app.demo import Processes, Upload, stage_times, start_pipeline, submit
+from outbox_app.settings import AppSettings
 from tests.auth import AUTH_A
 from tests.pipeline_harness import isolated_settings
 from tests.relay_harness import settings_env

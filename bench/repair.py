@@ -50,19 +50,19 @@ from botocore.client import BaseClient
 from elasticsearch import Elasticsearch, helpers
 from sqlalchemy.dialects.postgresql import JSONB
 
-from app.audit import Auditor
-from app.continuous_audit import ContinuousAudit, audit_summary, coverage_period_s
-from app.settings import AppSettings
 from bench.cli import bench_main
-from images.storage import object_key, s3_client
-from images.store import AGGREGATE, image_document
-from images.tables import image_table
 from outbox.db import libpq_dsn, make_engine
 from outbox.kafka import make_admin
 from outbox.migrate import migrate
 from outbox.observability import configure_logging
 from outbox.pg_names import publication_name, slot_name
 from outbox.wire_formats import event_topic, is_event_topic
+from outbox_app.audit import Auditor
+from outbox_app.continuous_audit import ContinuousAudit, audit_summary, coverage_period_s
+from outbox_app.settings import AppSettings
+from outbox_images.storage import object_key, s3_client
+from outbox_images.store import AGGREGATE, image_document
+from outbox_images.tables import image_table
 from projectors.rebuild import REPLAY_BATCH, SearchRebuild, committed
 from projectors.registry import build_runtime
 from projectors.views.search_index import VECTOR_DIMS, create_index, ensure_index, view_document

@@ -32,12 +32,12 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from app.api.app import create_app
-from app.sample_images import text_image
-from app.settings import AppSettings
 from bench.cli import bench_main
-from images.storage import s3_client
 from outbox.db import make_engine
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
+from outbox_app.settings import AppSettings
+from outbox_images.storage import s3_client
 from projectors.workers.embed import EmbeddingWorker, embedding_text
 from projectors.workers.embedder import get_embedder
 from projectors.workers.ocr import OcrWorker

@@ -29,8 +29,8 @@ def _probes(*stores: str) -> Callable[[WorkerSettings], Mapping[str, Probe]]:
 
 
 def _ocr(s: WorkerSettings, should_stop: StopCheck) -> Projector:
-    from images.storage import s3_client
     from outbox.db import make_engine
+    from outbox_images.storage import s3_client
     from projectors.workers.ocr import OcrWorker
 
     # OCR takes about a second per image: it checks between images for a stop, or for its

@@ -8,9 +8,9 @@ from typing import Annotated
 
 from pydantic import Field
 
-from images.settings import ImageSettings
 from outbox.settings import Settings
 from outbox.settings_sources import SECRET
+from outbox_images.settings import ImageSettings
 
 
 class RuntimeSettings(Settings):

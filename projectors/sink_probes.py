@@ -7,10 +7,10 @@ from __future__ import annotations
 from elasticsearch import Elasticsearch
 from redis import Redis
 
-from images.settings import ImageSettings
-from images.storage import s3_client
 from outbox.db import libpq_dsn
 from outbox.readiness import PROBE_TIMEOUT_S, Probe, postgres_probe
+from outbox_images.settings import ImageSettings
+from outbox_images.storage import s3_client
 from projectors.settings import ProjectorSettings
 
 

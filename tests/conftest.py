@@ -12,7 +12,7 @@ from elasticsearch import Elasticsearch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from app.settings import AppSettings
+from outbox_app.settings import AppSettings
 from tests.auth import API_KEYS
 
 # The owner's URL (migrations, what only an owner may do) and the process roles' URLs (the
@@ -125,7 +125,7 @@ def api(api_settings: AppSettings) -> Iterator:
     role."""
     from fastapi.testclient import TestClient
 
-    from app.api.app import create_app
+    from outbox_app.api.app import create_app
     from tests.db_roles import as_app
 
     app = create_app(as_app(api_settings))

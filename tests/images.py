@@ -47,7 +47,7 @@ def submit_receipt(api: Any, title: str, total: str = "3.30") -> str:
     """A receipt image titled `title` created through the API (a TestClient, as org A),
     uploaded with its presigned POST and confirmed with metadata, so it goes straight to OCR;
     returns its id."""
-    from app.sample_images import text_image
+    from outbox_app.sample_images import text_image
     from tests.auth import AUTH_A
 
     body = text_image([title, f"Total {total}"])

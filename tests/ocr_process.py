@@ -15,8 +15,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from app.sample_images import text_image
-from images.tables import image_table
+from outbox_app.sample_images import text_image
+from outbox_images.tables import image_table
 from tests.db_roles import APP_URL, role_url
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import ROOT, free_port, settings_env

@@ -18,9 +18,9 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 
-from app.settings import AppSettings
-from images.storage import s3_client
 from outbox.migrate import migrate
+from outbox_app.settings import AppSettings
+from outbox_images.storage import s3_client
 from projectors.registry import build_runtime
 from projectors.runtime import ConsumerRuntime
 from projectors.views.task_cache import TaskCache

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-PACKAGES = ("outbox", "relays", "images", "projectors", "app")
+PACKAGES = ("outbox", "relays", "outbox_images", "projectors", "outbox_app")
 
 
 def import_project_modules() -> None:

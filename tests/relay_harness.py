@@ -21,10 +21,10 @@ from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from app.settings import AppSettings
 from outbox import emit
 from outbox.db import libpq_dsn
 from outbox.pg_names import publication_name, slot_name
+from outbox_app.settings import AppSettings
 from tests.db_roles import RELAY_URL, role_url
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,9 +10,9 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
-from images.storage import s3_client
-from images.tables import image_table
 from outbox.tables import outbox_table
+from outbox_images.storage import s3_client
+from outbox_images.tables import image_table
 from tests.auth import AUTH_A, AUTH_B
 from tests.images import png_bytes, upload
 

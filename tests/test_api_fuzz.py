@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, settings
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 
-from app.api.app import create_app
-from app.settings import AppSettings
 from outbox.migrate import migrate
+from outbox_app.api.app import create_app
+from outbox_app.settings import AppSettings
 from projectors.views.search_index import ensure_index
 from tests.auth import API_KEYS
 

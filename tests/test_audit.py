@@ -14,9 +14,9 @@ import redis
 from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 
-from app.api.app import create_app
-from app.sample_images import text_image
-from images.storage import s3_client
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
+from outbox_images.storage import s3_client
 from tests.auth import AUTH_A
 from tests.images import upload
 from tests.pipeline_harness import isolated_settings, wait_for
@@ -128,9 +128,9 @@ def test_an_image_the_log_no_longer_holds_is_reported_and_resent(cfg, pipeline, 
                                                                  monkeypatch):
     from datetime import UTC, datetime
 
-    import app.audit as audit_module
-    from app.audit import Auditor, Repairer
+    import outbox_app.audit as audit_module
     from outbox.db import make_engine
+    from outbox_app.audit import Auditor, Repairer
 
     image = _create(api, ["Old receipt"])
     wait_for(lambda: api.get(f"/v1/images/{image}", headers=AUTH_A).json()["searchable"],

@@ -14,11 +14,11 @@ from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from app.api.app import create_app
-from app.continuous_audit import ContinuousAudit, audit_lock_name, audit_summary
-from app.reconciler import Reconciler
-from images.storage import s3_client
 from outbox.db import make_engine
+from outbox_app.api.app import create_app
+from outbox_app.continuous_audit import ContinuousAudit, audit_lock_name, audit_summary
+from outbox_app.reconciler import Reconciler
+from outbox_images.storage import s3_client
 from projectors.views.search_index import ensure_index
 from projectors.views.task_cache import TaskCache
 from tests.auth import AUTH_A

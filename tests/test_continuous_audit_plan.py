@@ -8,7 +8,7 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from app.continuous_audit import (
+from outbox_app.continuous_audit import (
     LAST_ID,
     PERSISTING_PASSES,
     Cursor,
@@ -124,8 +124,8 @@ def _report(audit: dict | None) -> dict:
 def test_status_shows_the_last_pass_and_needs_attention_only_when_drift_persists():
     from rich.console import Console
 
-    from app.status import attention
-    from app.status_table import print_status
+    from outbox_app.status import attention
+    from outbox_app.status_table import print_status
 
     audit = {"last_pass_at": NOW.isoformat(), "last_pass_s": 0.8, "rows": 5100, "passes": 12,
              "open": {"view_missing": 2}, "drift_passes": {"view_missing": 1},

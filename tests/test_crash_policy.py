@@ -8,9 +8,9 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from images.policy import ImageState, after_crash
-from images.settings import ImageSettings
 from outbox.envelope import EventEnvelope
+from outbox_images.policy import ImageState, after_crash
+from outbox_images.settings import ImageSettings
 from projectors.settings import WorkerSettings
 from projectors.workers.ocr import OcrWorker
 

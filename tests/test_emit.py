@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from images.tables import image_table
 from outbox import NoTransactionError, emit
 from outbox.envelope import SCHEMA_PATH, EventEnvelope, envelope_json_schema
 from outbox.tables import outbox_table
+from outbox_images.tables import image_table
 
 
 def _counts(engine) -> tuple[int, int]:

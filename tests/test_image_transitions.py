@@ -9,15 +9,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, text
 
-from images.policy import RETRYABLE, TERMINAL, TRANSITIONS, ImageState, deadline_seconds
-from images.store import (
+from outbox.tables import outbox_table
+from outbox_images.policy import RETRYABLE, TERMINAL, TRANSITIONS, ImageState, deadline_seconds
+from outbox_images.store import (
     IllegalTransition,
     StaleVersion,
     create_image,
     load_image,
     transition,
 )
-from outbox.tables import outbox_table
 
 S = ImageState
 

@@ -7,10 +7,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, make_url, text
 
-from images.tables import metadata as image_metadata
 from outbox.migrate import histories, migrate
 from outbox.pg_names import publication_name
 from outbox.tables import metadata as core_metadata
+from outbox_images.tables import metadata as image_metadata
 
 
 def test_code_tables_match_the_migrated_schema(engine):

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from app.reconciler import Reconciler
-from app.sample_images import text_image
-from images.policy import ImageState
-from images.storage import s3_client
+from outbox_app.reconciler import Reconciler
+from outbox_app.sample_images import text_image
+from outbox_images.policy import ImageState
+from outbox_images.storage import s3_client
 from tests.faults.pipeline_run import PipelineRun, pipeline_run
 from tests.ocr_process import OcrProcess, image_row, slow_image
 from tests.pipeline_harness import wait_for

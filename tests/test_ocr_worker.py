@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from app.sample_images import text_image
-from images.storage import s3_client
+from outbox_app.sample_images import text_image
+from outbox_images.storage import s3_client
 from projectors.runtime import BatchInterrupted
 from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A

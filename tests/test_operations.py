@@ -13,10 +13,10 @@ from confluent_kafka import Producer
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 
-from app.api.app import create_app
-from app.sample_images import text_image
-from images.storage import object_key, s3_client
 from outbox.kafka import dlq_topic, topic_name
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
+from outbox_images.storage import object_key, s3_client
 from tests.auth import AUTH_A, AUTH_B
 from tests.images import undecodable_png, upload
 from tests.pipeline_harness import isolated_settings, wait_for

@@ -18,11 +18,11 @@ from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 from pydantic import SecretStr
 
-from app.api.app import create_app
-from app.sample_images import text_image
-from images.storage import s3_client
 from outbox.envelope import EventEnvelope
 from outbox.kafka import dlq_topic, topic_name
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
+from outbox_images.storage import s3_client
 from projectors.registry import build_runtime
 from projectors.store_errors import is_outage
 from projectors.workers.ocr import OcrWorker

@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 from sqlalchemy import func, select, text
 
-from app.api.app import create_app
-from app.sample_images import text_image
 from outbox.db import make_engine
 from outbox.kafka import dlq_topic
 from outbox.tables import outbox_table
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
 from tests.auth import AUTH_A
 from tests.db_roles import as_app
 from tests.images import undecodable_png, upload

@@ -27,7 +27,6 @@ from confluent_kafka import KafkaError, KafkaException
 from fastapi.testclient import TestClient
 from sqlalchemy import make_url
 
-from app.api.app import create_app
 from outbox.db import libpq_dsn
 from outbox.observability import ObservabilityServer, serve_until_stopped
 from outbox.pg_names import slot_name
@@ -39,6 +38,7 @@ from outbox.readiness import (
     ok,
     readiness_report,
 )
+from outbox_app.api.app import create_app
 from projectors.runtime import ConsumerRuntime
 from projectors.views.task_cache import TaskCache, TaskCacheProjector
 from relays.runner import STALL_S, RelayProcess

@@ -19,11 +19,11 @@ from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from app.api.app import create_app
-from app.audit import Auditor
-from images.storage import s3_client
-from images.store import load_image, resync
 from outbox.db import make_engine
+from outbox_app.api.app import create_app
+from outbox_app.audit import Auditor
+from outbox_images.storage import s3_client
+from outbox_images.store import load_image, resync
 from projectors.rebuild import SearchRebuild
 from projectors.views.search_index import aliased_indices
 from tests.auth import AUTH_A

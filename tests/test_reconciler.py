@@ -12,12 +12,12 @@ from botocore.exceptions import ClientError
 from elasticsearch import Elasticsearch
 from sqlalchemy import select, text
 
-from app.audit import Auditor, Repairer
-from app.reconciler import Reconciler
-from app.sample_images import text_image
-from images.storage import s3_client
-from images.store import transition
 from outbox.tables import outbox_table
+from outbox_app.audit import Auditor, Repairer
+from outbox_app.reconciler import Reconciler
+from outbox_app.sample_images import text_image
+from outbox_images.storage import s3_client
+from outbox_images.store import transition
 from projectors.views.search_index import ensure_index
 from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
@@ -96,8 +96,8 @@ def test_stuck_ocr_attempt_is_a_crash_not_an_attempt(api, engine, reconciler, ap
     created = _create(api, body, metadata={"title": "stuck"})
     upload(created, body)
     api.post(f"/v1/images/{created['id']}/uploaded", headers=AUTH_A)
-    from images.policy import ImageState
-    from images.store import load_image
+    from outbox_images.policy import ImageState
+    from outbox_images.store import load_image
 
     with engine.begin() as conn:  # a worker claimed it (its third attempt), then died
         row = load_image(conn, "org-a", uuid.UUID(created["id"]))

@@ -9,10 +9,10 @@ import time
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from app.reconciler import Reconciler
-from images.policy import REQUEUE_EVENTS, ImageState
-from images.storage import s3_client
 from outbox.db import make_engine
+from outbox_app.reconciler import Reconciler
+from outbox_images.policy import REQUEUE_EVENTS, ImageState
+from outbox_images.storage import s3_client
 from tests.auth import AUTH_A
 from tests.images import png_bytes
 from tests.pipeline_harness import metric

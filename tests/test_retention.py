@@ -7,12 +7,12 @@ import uuid
 import psycopg
 from sqlalchemy import func, select, text
 
-from app.reconciler import Reconciler
-from images.storage import s3_client
-from images.store import create_image, delete
-from images.tables import result_cache_table
 from outbox.db import libpq_dsn
 from outbox.tables import outbox_table
+from outbox_app.reconciler import Reconciler
+from outbox_images.storage import s3_client
+from outbox_images.store import create_image, delete
+from outbox_images.tables import result_cache_table
 from relays.janitor import purge_processed_events
 
 

@@ -7,9 +7,9 @@ from urllib.parse import urlsplit
 
 from fastapi.testclient import TestClient
 
-from app.api.app import create_app
-from images.settings import ImageSettings
-from images.storage import presigning_client, s3_client
+from outbox_app.api.app import create_app
+from outbox_images.settings import ImageSettings
+from outbox_images.storage import presigning_client, s3_client
 from tests.auth import AUTH_A
 from tests.images import png_bytes, upload
 

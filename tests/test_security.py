@@ -29,12 +29,12 @@ from psycopg import sql
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import func, make_url, select
 
-from app.api.app import create_app
-from app.sample_images import text_image
-from app.settings import AppSettings
-from images.storage import object_key, s3_client
-from images.tables import image_event_table, image_table
 from outbox.tables import outbox_table
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
+from outbox_app.settings import AppSettings
+from outbox_images.storage import object_key, s3_client
+from outbox_images.tables import image_event_table, image_table
 from projectors.views.search import SearchProjector
 from projectors.workers.embed import EmbeddingWorker
 from projectors.workers.embedder import get_embedder

@@ -19,8 +19,8 @@ import redis
 from elasticsearch import Elasticsearch, NotFoundError
 from fastapi.testclient import TestClient
 
-from app.api.app import create_app
-from app.sample_images import text_image
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
 from projectors.views.search_index import aliased_indices
 from projectors.views.task_cache import TaskCache
 from tests.auth import AUTH_A

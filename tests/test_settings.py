@@ -11,7 +11,6 @@ from pydantic import Field, ValidationError
 from pydantic_core import PydanticUndefined
 from pydantic_settings import SettingsConfigDict
 
-from app.settings import AppSettings
 from outbox.cli import main
 from outbox.settings import Settings
 from outbox.settings_registry import (
@@ -25,6 +24,7 @@ from outbox.settings_registry import (
 )
 from outbox.settings_report import MASK, default_of, mask, origins
 from outbox.settings_sources import ConfigurationError, load_config_file
+from outbox_app.settings import AppSettings
 
 DB_URL = "postgresql+psycopg://app:s3cret@db.example.com:5432/app"
 REQUIRED = {"OUTBOX_DATABASE_URL": DB_URL, "OUTBOX_KAFKA_BOOTSTRAP": "kafka.example.com:9093"}

@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import text
 
-from images.storage import s3_client
+from outbox_images.storage import s3_client
 
 ROOT = Path(__file__).resolve().parent.parent
 

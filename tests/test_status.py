@@ -20,11 +20,11 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from app.api.app import create_app
-from app.log_positions import ThroughputMeter, group_backlogs
 from outbox.db import make_engine
 from outbox.kafka import dlq_topic, topic_name
 from outbox.tables import outbox_table
+from outbox_app.api.app import create_app
+from outbox_app.log_positions import ThroughputMeter, group_backlogs
 from projectors.dead_letters import replay
 from tests.auth import AUTH_A, AUTH_B
 from tests.images import undecodable_png

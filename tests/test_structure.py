@@ -13,10 +13,10 @@ from tests.relay_harness import ROOT
 ALLOWED = {
     "outbox": set(),
     "relays": {"outbox"},
-    "images": {"outbox"},
-    "projectors": {"outbox", "images"},
+    "outbox_images": {"outbox"},
+    "projectors": {"outbox", "outbox_images"},
     # relays: the status reads the relay's position as `outbox relay status` does.
-    "app": {"outbox", "images", "projectors", "relays"},
+    "outbox_app": {"outbox", "outbox_images", "projectors", "relays"},
 }
 
 

@@ -15,9 +15,9 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from app.settings import AppSettings
 from outbox.kafka import TopicManager, dlq_topic, producer_config, replication, topic_name
 from outbox.topics import describe_topics, replay_coverage
+from outbox_app.settings import AppSettings
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from app.settings import AppSettings
+from outbox_app.settings import AppSettings
 
 
 @pytest.fixture

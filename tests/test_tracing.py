@@ -21,12 +21,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from sqlalchemy import select
 
-from app.api.app import create_app
-from app.sample_images import text_image
-from images.tables import image_event_table
 from outbox import emit, tracing
 from outbox.db import make_engine
 from outbox.settings import Settings
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
+from outbox_images.tables import image_event_table
 from relays.publish_spans import publish_trail
 from tests.auth import AUTH_A
 from tests.images import upload

@@ -15,7 +15,7 @@ import redis
 from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 
-from app.api.app import create_app
+from outbox_app.api.app import create_app
 from projectors.view_healing import ViewHealer, builtin_views
 from projectors.views.search_index import aliased_indices
 from projectors.views.task_cache import TaskCache

@@ -7,9 +7,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from fastapi.testclient import TestClient
 
-from app.api.app import create_app
-from app.sample_images import text_image
 from outbox.wire_formats import event_topic
+from outbox_app.api.app import create_app
+from outbox_app.sample_images import text_image
 from tests.auth import AUTH_A
 from tests.images import upload
 from tests.pipeline_harness import PROJECTOR_NAMES, Pipeline, isolated_settings, wait_for

@@ -13,8 +13,8 @@ from typing import Any
 import structlog
 from elasticsearch import Elasticsearch, helpers
 
-from images.policy import ImageState
 from outbox.envelope import EventEnvelope
+from outbox_images.policy import ImageState
 from projectors.settings import ProjectorSettings
 from projectors.transient_errors import SinkUnavailable
 from projectors.views.search_index import ensure_index, view_document

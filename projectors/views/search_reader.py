@@ -11,7 +11,7 @@ from elastic_transport import TransportError
 from elasticsearch import ApiError, Elasticsearch, NotFoundError
 from pydantic import BaseModel
 
-from images.policy import ImageState
+from outbox_images.policy import ImageState
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import redis
 
-from images.policy import TERMINAL, ImageState
 from outbox.envelope import EventEnvelope
+from outbox_images.policy import TERMINAL, ImageState
 from projectors.settings import ProjectorSettings
 
 S = ImageState

@@ -14,11 +14,11 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
-from images.policy import ImageState
-from images.settings import ImageSettings
-from images.store import lock_at_version, transition
 from outbox.envelope import EventEnvelope
 from outbox.tracking import claim_event
+from outbox_images.policy import ImageState
+from outbox_images.settings import ImageSettings
+from outbox_images.store import lock_at_version, transition
 from projectors.apply_spans import applying
 from projectors.store_errors import is_outage
 from projectors.workers.embedder import Embedder

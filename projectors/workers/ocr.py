@@ -16,11 +16,11 @@ from botocore.client import BaseClient
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
-from images.policy import ImageState
-from images.store import ImageNotFound, load_image, lock_at_version, transition
-from images.tables import image_table
 from outbox.envelope import EventEnvelope
 from outbox.tracking import claim_event
+from outbox_images.policy import ImageState
+from outbox_images.store import ImageNotFound, load_image, lock_at_version, transition
+from outbox_images.tables import image_table
 from projectors.apply_spans import applying
 from projectors.runtime import BatchInterrupted
 from projectors.settings import WorkerSettings

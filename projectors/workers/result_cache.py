@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection
 
-from images.tables import result_cache_table as t
+from outbox_images.tables import result_cache_table as t
 
 
 def cached_results(conn: Connection, kind: str, checksums: list[str], engine: str

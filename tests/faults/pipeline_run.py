@@ -16,15 +16,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from app.api.app import create_app
-from app.audit import Auditor, Repairer
-from app.sample_images import text_image
-from app.settings import AppSettings
-from images.policy import ImageState
-from images.storage import s3_client
-from images.tables import image_table
 from outbox.db import make_engine
 from outbox.kafka import topic_name
+from outbox_app.api.app import create_app
+from outbox_app.audit import Auditor, Repairer
+from outbox_app.sample_images import text_image
+from outbox_app.settings import AppSettings
+from outbox_images.policy import ImageState
+from outbox_images.storage import s3_client
+from outbox_images.tables import image_table
 from tests.auth import AUTH_A
 from tests.db_roles import as_app
 from tests.faults.dead_letters import dead_letters

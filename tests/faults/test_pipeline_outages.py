@@ -16,10 +16,10 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from app.reconciler import Reconciler
-from images.storage import s3_client
 from outbox.envelope import EventEnvelope
 from outbox.kafka import topic_name
+from outbox_app.reconciler import Reconciler
+from outbox_images.storage import s3_client
 from tests.faults.pipeline_run import S, pipeline_run
 from tests.faults.proxies import CuttableTcpProxy, OverloadedSearchProxy
 from tests.faults.report import scale
@@ -192,7 +192,7 @@ def test_lost_views_heal_themselves(record, fault):
     to heal."""
     from elasticsearch import Elasticsearch
 
-    from app.reconciler_checks import round_checks
+    from outbox_app.reconciler_checks import round_checks
     from projectors.views.search_index import aliased_indices
     from tests.pipeline_harness import metric
 

@@ -37,14 +37,14 @@ from elasticsearch import Elasticsearch, NotFoundError, helpers
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from app.settings import AppSettings
-from app.trace import partition_for
-from images.policy import NEEDS_OBJECT, OBJECT_GONE, TERMINAL, ImageState
-from images.store import AGGREGATE, ImageNotFound, load_image, resync, transition
-from images.tables import image_table
 from outbox.emit import emit
 from outbox.kafka import make_reader
 from outbox.wire_formats import event_topic
+from outbox_app.settings import AppSettings
+from outbox_app.trace import partition_for
+from outbox_images.policy import NEEDS_OBJECT, OBJECT_GONE, TERMINAL, ImageState
+from outbox_images.store import AGGREGATE, ImageNotFound, load_image, resync, transition
+from outbox_images.tables import image_table
 from projectors.views.task_cache import TaskCache
 
 log = structlog.get_logger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
+from outbox_app.api.errors import error_response
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -17,17 +17,17 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from sqlalchemy import select, tuple_
 from sqlalchemy.engine import Engine, RowMapping
 
-from app.api.auth import ApiKeys
-from app.api.errors import ApiError
-from app.api.schemas import ImageCreate, ImageCreated, ImageMetadata, ImagePage, ImageView
-from app.settings import AppSettings
-from app.trace import ImageTrace
-from app.upload_verification import ALLOWED_CONTENT_TYPES, UploadMissing
-from app.uploads import presigned_post, settle_upload
-from images.policy import ImageState
-from images.storage import object_key
-from images.store import StaleVersion, create_image, delete, load_image, transition
-from images.tables import image_table
+from outbox_app.api.auth import ApiKeys
+from outbox_app.api.errors import ApiError
+from outbox_app.api.schemas import ImageCreate, ImageCreated, ImageMetadata, ImagePage, ImageView
+from outbox_app.settings import AppSettings
+from outbox_app.trace import ImageTrace
+from outbox_app.upload_verification import ALLOWED_CONTENT_TYPES, UploadMissing
+from outbox_app.uploads import presigned_post, settle_upload
+from outbox_images.policy import ImageState
+from outbox_images.storage import object_key
+from outbox_images.store import StaleVersion, create_image, delete, load_image, transition
+from outbox_images.tables import image_table
 from projectors.views.search_reader import SearchReader
 from projectors.views.task_cache import TaskCache
 

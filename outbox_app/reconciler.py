@@ -33,12 +33,12 @@ from prometheus_client import Gauge
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
-from app.upload_verification import UploadMissing
-from app.uploads import settle_upload
-from images.policy import REQUEUE_EVENTS, ImageState, after_crash
-from images.settings import ImageSettings
-from images.store import requeue, transition
-from images.tables import image_table, result_cache_table
+from outbox_app.upload_verification import UploadMissing
+from outbox_app.uploads import settle_upload
+from outbox_images.policy import REQUEUE_EVENTS, ImageState, after_crash
+from outbox_images.settings import ImageSettings
+from outbox_images.store import requeue, transition
+from outbox_images.tables import image_table, result_cache_table
 
 log = structlog.get_logger(__name__)
 S = ImageState

@@ -9,7 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from app.continuous_audit import persisting
+from outbox_app.continuous_audit import persisting
 
 Row = tuple[str, str, str, str, bool]  # area, name, status, detail, needs attention
 

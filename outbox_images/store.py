@@ -15,7 +15,10 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, RowMapping
 
-from images.policy import (
+from outbox import tracing
+from outbox.emit import emit
+from outbox.tracing import child_traceparent
+from outbox_images.policy import (
     CREATED_EVENT,
     REQUEUE_EVENTS,
     RESYNC_EVENT,
@@ -23,11 +26,8 @@ from images.policy import (
     ImageState,
     deadline_seconds,
 )
-from images.settings import ImageSettings
-from images.tables import image_event_table, image_table, result_cache_table
-from outbox import tracing
-from outbox.emit import emit
-from outbox.tracing import child_traceparent
+from outbox_images.settings import ImageSettings
+from outbox_images.tables import image_event_table, image_table, result_cache_table
 
 AGGREGATE = "image"
 

@@ -12,7 +12,7 @@ Each pass (every `OUTBOX_RECONCILER_AUDIT_INTERVAL_S`) judges:
 
 Both positions, and the pass's results, live in one row of `continuous_audit`, so a
 restarted reconciler goes on where the last pass stopped. The judging and the repairs are
-`app.audit`'s (`Auditor.row_findings`, `Repairer`), as `outbox audit --repair` does them:
+`outbox_app.audit`'s (`Auditor.row_findings`, `Repairer`), as `outbox audit --repair` does them:
 the search view and the task cache against the rows (missing, stale, a deleted image still
 in the view) and the log's coverage. Bucket drift and view documents with no row at all
 need a full listing and stay with `outbox audit`.
@@ -46,9 +46,9 @@ from prometheus_client import Gauge, Histogram
 from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.engine import Engine
 
-from app.audit import VIEW_KINDS, Auditor, Repairer
-from app.settings import AppSettings
-from images.tables import continuous_audit_table, image_table
+from outbox_app.audit import VIEW_KINDS, Auditor, Repairer
+from outbox_app.settings import AppSettings
+from outbox_images.tables import continuous_audit_table, image_table
 
 log = structlog.get_logger(__name__)
 

@@ -13,10 +13,10 @@ def _cmd_api(args: argparse.Namespace) -> int:
     """Serve the HTTP API with uvicorn (SIGTERM: finish in-flight requests, then exit)."""
     import uvicorn
 
-    from app.api.app import create_app
-    from app.settings import get_app_settings
     from outbox.observability import configure_logging
     from outbox.tracing import configure_tracing, shutdown_tracing
+    from outbox_app.api.app import create_app
+    from outbox_app.settings import get_app_settings
 
     configure_logging("api", args.log_level)
     configure_tracing("outbox-api", get_app_settings())
@@ -33,13 +33,13 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     the table and repair drift every OUTBOX_RECONCILER_AUDIT_INTERVAL_S; rebuild a lost view."""
     import logging
 
-    from app.reconciler import Reconciler
-    from app.reconciler_checks import round_checks
-    from app.settings import get_app_settings
-    from images.storage import s3_client
     from outbox.db import make_engine
     from outbox.observability import configure_logging, serve_until_stopped
     from outbox.readiness import CachedProbes, readiness_report
+    from outbox_app.reconciler import Reconciler
+    from outbox_app.reconciler_checks import round_checks
+    from outbox_app.settings import get_app_settings
+    from outbox_images.storage import s3_client
     from projectors.sink_probes import store_probes
 
     configure_logging("reconciler", args.log_level)
@@ -62,8 +62,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole pipeline end to end on the local stack."""
     from pathlib import Path
 
-    from app.demo import run_demo
-    from app.settings import get_app_settings
+    from outbox_app.demo import run_demo
+    from outbox_app.settings import get_app_settings
 
     return run_demo(get_app_settings(), Path(args.state_dir))
 
@@ -77,10 +77,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     import redis
     from elasticsearch import Elasticsearch
 
-    from app.audit import AuditIncomplete, Auditor, Repairer, finding_dict
-    from app.settings import get_app_settings
-    from images.storage import s3_client
     from outbox.db import make_engine
+    from outbox_app.audit import AuditIncomplete, Auditor, Repairer, finding_dict
+    from outbox_app.settings import get_app_settings
+    from outbox_images.storage import s3_client
 
     settings = get_app_settings()
     engine, s3 = make_engine(settings), s3_client(settings)
@@ -182,10 +182,10 @@ def _verify_with_audit(rebuild: Any) -> None:
     import redis
     from elasticsearch import Elasticsearch
 
-    from app.audit import Auditor
-    from app.settings import get_app_settings
-    from images.storage import s3_client
     from outbox.db import make_engine
+    from outbox_app.audit import Auditor
+    from outbox_app.settings import get_app_settings
+    from outbox_images.storage import s3_client
     from projectors.rebuild import SearchRebuild
 
     if not isinstance(rebuild, SearchRebuild):
@@ -210,11 +210,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     import redis
     from elasticsearch import Elasticsearch
 
-    from app.settings import get_app_settings
-    from app.trace import ImageTrace
-    from images.storage import s3_client
-    from images.store import ImageNotFound
     from outbox.db import make_engine
+    from outbox_app.settings import get_app_settings
+    from outbox_app.trace import ImageTrace
+    from outbox_images.storage import s3_client
+    from outbox_images.store import ImageNotFound
 
     try:
         image_id = uuid.UUID(args.image_id)
@@ -262,11 +262,11 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     import sys
     import uuid
 
-    from app.retry import failed_images, retry
-    from app.settings import get_app_settings
-    from images.policy import ImageState
-    from images.storage import s3_client
     from outbox.db import make_engine
+    from outbox_app.retry import failed_images, retry
+    from outbox_app.settings import get_app_settings
+    from outbox_images.policy import ImageState
+    from outbox_images.storage import s3_client
 
     if bool(args.ids) == bool(args.state):
         print("outbox retry: give image ids or --state, not both", file=sys.stderr)
@@ -290,10 +290,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from app.settings import get_app_settings
-    from app.status import StatusCollector, StatusIncomplete
-    from app.status_table import print_status
     from outbox.db import make_engine
+    from outbox_app.settings import get_app_settings
+    from outbox_app.status import StatusCollector, StatusIncomplete
+    from outbox_app.status_table import print_status
 
     if args.limit < 1 or args.window < 0 or args.max_lag_s < 0:
         print("outbox status: --limit must be at least 1, --window and --max-lag-s not "

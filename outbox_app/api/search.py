@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
 
-from app.api.errors import ApiError
-from app.api.images import ApiContext
-from app.api.schemas import SearchPage
+from outbox_app.api.errors import ApiError
+from outbox_app.api.images import ApiContext
+from outbox_app.api.schemas import SearchPage
 from projectors.views.search_reader import SearchMode, SearchUnavailable
 
 

@@ -9,8 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.upload_verification import UploadRejected
-from images.store import ImageError
+from outbox_app.upload_verification import UploadRejected
+from outbox_images.store import ImageError
 
 # The HTTP status of each refusal the domain can raise (the domain knows no HTTP).
 STATUS_OF_CODE = {

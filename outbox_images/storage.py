@@ -12,7 +12,7 @@ import boto3
 from botocore.client import BaseClient
 from botocore.config import Config
 
-from images.settings import ImageSettings
+from outbox_images.settings import ImageSettings
 
 
 def addressing_style(settings: ImageSettings) -> str:

@@ -12,18 +12,18 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from app.api.auth import ApiKeys
-from app.api.body_limit import BodySizeLimit
-from app.api.errors import install_error_handlers
-from app.api.images import ApiContext, image_router
-from app.api.request_spans import RequestSpans
-from app.api.search import search_router
-from app.api.status_page import status_router
-from app.settings import AppSettings, get_app_settings
-from app.trace import ImageTrace
-from images.storage import presigning_client, s3_client
 from outbox.db import make_engine
 from outbox.readiness import CachedProbes, PublishedReadiness, readiness_report
+from outbox_app.api.auth import ApiKeys
+from outbox_app.api.body_limit import BodySizeLimit
+from outbox_app.api.errors import install_error_handlers
+from outbox_app.api.images import ApiContext, image_router
+from outbox_app.api.request_spans import RequestSpans
+from outbox_app.api.search import search_router
+from outbox_app.api.status_page import status_router
+from outbox_app.settings import AppSettings, get_app_settings
+from outbox_app.trace import ImageTrace
+from outbox_images.storage import presigning_client, s3_client
 from projectors.sink_probes import store_probes
 from projectors.views.search_reader import SearchReader
 from projectors.views.task_cache import TaskCache

@@ -12,11 +12,11 @@ from elasticsearch import Elasticsearch
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from app.settings import AppSettings, get_app_settings
-from images.storage import s3_client
-from images.store import AGGREGATE
 from outbox.doctor.findings import DoctorOptions, Finding, failed, passed, warned
 from outbox.doctor.kafka import cluster_metadata, topic_presence
+from outbox_app.settings import AppSettings, get_app_settings
+from outbox_images.storage import s3_client
+from outbox_images.store import AGGREGATE
 
 PROBE_PREFIX = ".outbox-doctor/"  # outside orgs/, so an audit never sees a probe object
 SAFE_POLICIES = ("noeviction",)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from app.api.errors import ApiError
+from outbox_app.api.errors import ApiError
 
 
 class ApiKeys:

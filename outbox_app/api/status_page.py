@@ -1,5 +1,5 @@
 """The status page: `GET /status` and its script and style sheet, and `GET /v1/status`, the
-snapshot of `app.status` for the caller's org.
+snapshot of `outbox_app.status` for the caller's org.
 
 A browser sends no `Authorization` header when it navigates, and a key in a URL ends up in
 histories and logs, so the page itself holds no data: it asks for the key, keeps it in the
@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Response
 
-from app.api.errors import ApiError
-from app.api.images import ApiContext
-from app.status import StatusCollector, StatusIncomplete
+from outbox_app.api.errors import ApiError
+from outbox_app.api.images import ApiContext
+from outbox_app.status import StatusCollector, StatusIncomplete
 
 STATIC = Path(__file__).with_name("static")
 PAGE_HEADERS = {

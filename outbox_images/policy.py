@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from images.settings import ImageSettings
+from outbox_images.settings import ImageSettings
 
 
 class ImageState(StrEnum):

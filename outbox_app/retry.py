@@ -14,11 +14,11 @@ from botocore.client import BaseClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from app.upload_verification import UploadMissing, UploadRejected, verify_upload
-from images.policy import RETRYABLE, ImageState
-from images.settings import ImageSettings
-from images.store import StaleVersion, transition
-from images.tables import image_table
+from outbox_app.upload_verification import UploadMissing, UploadRejected, verify_upload
+from outbox_images.policy import RETRYABLE, ImageState
+from outbox_images.settings import ImageSettings
+from outbox_images.store import StaleVersion, transition
+from outbox_images.tables import image_table
 
 
 def failed_images(engine: Engine, state: ImageState, org: str | None, batch: int = 500

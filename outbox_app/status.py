@@ -18,12 +18,12 @@ import psycopg
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from app.continuous_audit import audit_summary, persisting
-from app.log_positions import ThroughputMeter, committed_totals, log_positions
-from app.settings import AppSettings
-from images.policy import RETRYABLE, ImageState
-from images.tables import image_table
 from outbox.readiness import CachedProbes, kafka_probe
+from outbox_app.continuous_audit import audit_summary, persisting
+from outbox_app.log_positions import ThroughputMeter, committed_totals, log_positions
+from outbox_app.settings import AppSettings
+from outbox_images.policy import RETRYABLE, ImageState
+from outbox_images.tables import image_table
 from projectors.sink_probes import store_probes
 from relays.admin import relay_status
 

@@ -16,7 +16,7 @@ from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 from PIL import Image
 
-from images.settings import ImageSettings
+from outbox_images.settings import ImageSettings
 
 ALLOWED_CONTENT_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
 

@@ -13,10 +13,10 @@ from typing import Any
 from botocore.client import BaseClient
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.upload_verification import UploadRejected, verify_upload
-from images.policy import ImageState
-from images.settings import ImageSettings
-from images.store import transition
+from outbox_app.upload_verification import UploadRejected, verify_upload
+from outbox_images.policy import ImageState
+from outbox_images.settings import ImageSettings
+from outbox_images.store import transition
 
 
 def presigned_post(

@@ -25,12 +25,12 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import make_url, select
 
-from app.sample_images import text_image
-from app.settings import AppSettings
 from outbox.db import libpq_dsn, make_engine
 from outbox.grants import grants_sql
 from outbox.migrate import histories, migrate
 from outbox.tables import outbox_table
+from outbox_app.sample_images import text_image
+from outbox_app.settings import AppSettings
 
 API_PORT = 18000
 METRICS_PORTS = {"relay": 19464, "ocr": 19465, "embed": 19466, "search": 19467, "cache": 19468,

@@ -14,9 +14,9 @@ from botocore.client import BaseClient
 from elasticsearch import Elasticsearch
 from sqlalchemy.engine import Engine
 
-from app.continuous_audit import ContinuousAudit
-from app.reconciler import RoundCheck
-from app.settings import AppSettings
+from outbox_app.continuous_audit import ContinuousAudit
+from outbox_app.reconciler import RoundCheck
+from outbox_app.settings import AppSettings
 from projectors.view_healing import ViewHealer, builtin_views
 
 

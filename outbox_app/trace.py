@@ -22,11 +22,11 @@ from kafka.partitioner.default import murmur2
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from app.settings import AppSettings
-from images.store import AGGREGATE, ImageNotFound
-from images.tables import image_event_table, image_table
 from outbox.kafka import make_reader
 from outbox.wire_formats import event_topic, record_field
+from outbox_app.settings import AppSettings
+from outbox_images.store import AGGREGATE, ImageNotFound
+from outbox_images.tables import image_event_table, image_table
 from projectors.views.task_cache import TaskCache
 
 

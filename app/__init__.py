@@ -1,2 +1,0 @@
-"""The example image application: HTTP API, uploads, the reconciler and the demo. It writes
-only to PostgreSQL (through `images.store`) and reads the views (`projectors.views`)."""
