@@ -16,12 +16,16 @@ position reached. Every record carries the header `outbox_kafka_txn`, the transa
 which the position record of the same transaction carries too: a reader can tell the
 records of a committed transaction from those of an aborted one that a broker let through.
 A message then times out after `relay_transaction_timeout_ms` (a transaction cannot wait
-longer); the batch is aborted and published again from the position.
+longer); the batch is aborted and published again from the position. A transactional call
+that has not returned some seconds after its own timeout (librdkafka can wait on a lost
+coordinator for ever: confluentinc/librdkafka#5456) makes the producer fatal, so it is
+replaced and its transaction aborted by the successor's take-over.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,8 +52,11 @@ _SAYS_NOTHING = {KafkaError.UNKNOWN}
 # The header naming the Kafka transaction a record belongs to (exactly-once mode).
 TXN_HEADER = "outbox_kafka_txn"
 # A broker connection lost: a request in flight then may be answered, after the broker's
-# restart, as a duplicate it never stored (the local broker does; README, "Broker caveats").
+# restart, as a duplicate it never stored (the local broker does; docs/operating/relays.md).
 _CONNECTION_LOST = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+# How long past its own timeout a transactional call may block before the producer is given
+# up (the client's timeout is not always kept; see the module's docstring).
+CALL_GRACE_S = 5.0
 
 
 class PublishError(RuntimeError):
@@ -238,7 +245,7 @@ class BatchPublisher:
         if self._initialized:
             return
         self._transaction_call(self._producer.init_transactions,
-                               self._settings.relay_transaction_timeout_ms / 1000)
+                               timeout_s=self._settings.relay_transaction_timeout_ms / 1000)
         self._initialized = True
 
     def ensure_transaction(self) -> int:
@@ -272,8 +279,8 @@ class BatchPublisher:
                 # broker's duplicate answer for a request it lost: publish them again.
                 raise PublishError("a broker connection was lost during the transaction")
             self._transaction_call(self._producer.send_offsets_to_transaction, offsets,
-                                   group_metadata, timeout)
-            self._transaction_call(self._producer.commit_transaction, timeout)
+                                   group_metadata, timeout_s=timeout)
+            self._transaction_call(self._producer.commit_transaction, timeout_s=timeout)
         except ProducerFatal:
             raise
         except KafkaException as exc:  # a produce refused: the producer's state is broken
@@ -296,23 +303,50 @@ class BatchPublisher:
         self._failed.clear()
         try:
             self._transaction_call(self._producer.abort_transaction,
-                                   self._settings.relay_transaction_timeout_ms / 1000)
+                                   timeout_s=self._settings.relay_transaction_timeout_ms / 1000)
         except PublishError as exc:  # a producer that cannot abort cannot go on either
             raise ProducerFatal(f"the transaction could not be aborted: {exc}") from exc
         self.txn_id = self._txn_header = None
         self._sent = 0
 
-    def _transaction_call(self, call: Callable[..., Any], *args: Any) -> Any:
-        """A transactional API call; a Kafka error becomes ProducerFatal (fenced, or the
-        producer is broken) or PublishError (the transaction must be aborted or retried)."""
+    def _transaction_call(self, call: Callable[..., Any], *args: Any,
+                          timeout_s: float | None = None) -> Any:
+        """A transactional API call (given `timeout_s` as its last argument when set); a
+        Kafka error becomes ProducerFatal (fenced, or the producer is broken) or PublishError
+        (the transaction must be aborted or retried)."""
         try:
-            return call(*args)
+            if timeout_s is None:
+                return call(*args)
+            return self._call_within(call, (*args, timeout_s), timeout_s + CALL_GRACE_S)
         except KafkaException as exc:
             err = exc.args[0]
             if err.fatal():
                 self._fatal = str(err)
                 raise ProducerFatal(f"the producer cannot go on: {err}") from exc
             raise PublishError(f"{call.__name__}: {err}") from exc
+
+    def _call_within(self, call: Callable[..., Any], args: tuple[Any, ...],
+                     limit_s: float) -> Any:
+        """`call(*args)` on a thread of its own, given up (the producer made fatal) when it
+        has not returned within `limit_s`: a blocked C call cannot be interrupted, so the
+        thread is left to end whenever the client lets it, holding the old producer."""
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = call(*args)
+            except BaseException as exc:  # handed to the caller's thread as it is
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run, name=f"kafka-{call.__name__}", daemon=True)
+        worker.start()
+        worker.join(limit_s)
+        if worker.is_alive():
+            self._fatal = f"{call.__name__} did not return within {limit_s:.0f} s"
+            raise ProducerFatal(f"the producer cannot go on: {self._fatal}")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
 
     def _dead_letter(self, topic: str, key: bytes, value: bytes, headers: list[Any],
                      reason: str, payload_omitted: bool = False) -> None:

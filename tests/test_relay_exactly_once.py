@@ -21,6 +21,7 @@ from relays.publisher import BatchPublisher, PublishError
 from relays.replication import ReplicationError, int_to_lsn
 from tests.pipeline_harness import wait_for
 from tests.relay_harness import (
+    committed_transactions,
     create_counter_table,
     load_in_background,
     read_transactional,
@@ -175,6 +176,8 @@ def test_a_zombie_relay_is_fenced(eo_settings, engine):
         wait_for(lambda: _set_up(leader), timeout_s=30, what="the leader's stream")
         wait_for(lambda: leader.run_once() == 0 and leader.acked_lsn > 0, timeout_s=30,
                  what="the leader's batch")
+        zombie_txn = zombie_pub.txn_id
+        assert zombie_txn is not None  # its batch is in an open transaction
         # Fenced: on Apache Kafka the commit fails as fatal; this broker answers a fenced
         # producer's commit with a timeout, and its abort too (then it is given up as fatal).
         with pytest.raises(PublishError):
@@ -183,6 +186,12 @@ def test_a_zombie_relay_is_fenced(eo_settings, engine):
         got = _read(eo_settings, load.committed)
         assert set(got.committed) == load.committed
         assert got.duplicates == 0
+        # What the error alone cannot tell: the zombie's transaction did not commit, and the
+        # position Kafka holds is still the leader's.
+        chain, _ = committed_transactions(eo_settings.kafka_bootstrap,
+                                          eo_settings.relay_positions_topic, txn_id)
+        assert zombie_txn not in chain
+        assert leader.checkpointer.last_committed_txn in chain
     finally:
         leader.close()
         leader_pub.close()

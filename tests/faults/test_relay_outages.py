@@ -80,8 +80,8 @@ def _outcome(scenario: str, fault: str, settings, engine, topic: str, fault_end:
     if strict_order:
         out.violations += [f"out of order: {a}" for a in anomalies[:3]]
     elif anomalies:
-        # A SIGKILLed producer may leave a partial batch on this broker (README, broker
-        # caveats); the relay then re-sends from its last acknowledged position.
+        # A SIGKILLed producer may leave a partial batch on this broker (broker caveats,
+        # docs/operating/relays.md); the relay then re-sends from its last acknowledged position.
         out.notes.append(f"{len(anomalies)} aggregates saw a partial batch of a killed "
                          "producer before the re-send")
     return out
@@ -134,7 +134,7 @@ def test_relay_sigkilled_every_one_to_three_seconds(mode_settings, engine, relay
     while load.running():
         proc = relay()
         # Killed while streaming: its slot is set up (a relay killed during a slot's
-        # backfill repeats it, README "Exactly-once publication").
+        # backfill repeats it, docs/concepts/exactly-once.md).
         proc.wait_publishing()
         time.sleep(rnd.uniform(1, 3) if FULL else rnd.uniform(0.5, 1.5))
         proc.kill()
@@ -150,12 +150,6 @@ def test_relay_sigkilled_every_one_to_three_seconds(mode_settings, engine, relay
 @pytest.mark.parametrize("outages", [(30, 90)])
 def test_broker_stopped_twice_during_the_load(mode_settings, engine, relay, counters,
                                               record, outages):
-    if mode_settings.relay_exactly_once and not FULL:
-        # Known open defect: in two clean-clone runs of `make test`, events committed in the
-        # database were missing among the committed Kafka transactions read back after the
-        # second outage; the cause is not found (the relay logged no error). `make faults`
-        # runs it, and reports what it finds.
-        pytest.skip("exactly-once across broker stops: an open defect, run by make faults")
     outages = outages if FULL else (4, 8)
     load = CounterLoad(engine, aggregates=AGGREGATES, rate=200).start()
     proc = relay()
@@ -178,6 +172,10 @@ def test_broker_stopped_twice_during_the_load(mode_settings, engine, relay, coun
                    mode_settings, engine, counters, fault_end)
     if proc.proc.poll() is not None:
         out.violations.append("the relay exited during the outage")
+    hung = proc.log_path.read_text(errors="replace").count("did not return within")
+    if hung:
+        out.notes.append(f"a transactional call hung past its timeout {hung}× (librdkafka "
+                         "#5456); the relay replaced its producer and went on")
     if FULL and not any(failing_seen):  # reported once acks are 15 s late
         out.violations.append("/healthz never reported the outage")
     record(out)
