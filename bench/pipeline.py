@@ -487,7 +487,7 @@ def run(burst: int, steady: int, rounds: int, seconds: float, name: str) -> dict
     print(f"concurrency: {result['pipeline']['concurrency']}", flush=True)
     result["hop_latency"] = result["pipeline"]["hops"]
     # The same steady phase with consumers that ask the broker for new messages every 50 ms
-    # (Tansu answers a waiting fetch late; see the README).
+    # (Tansu answers a waiting fetch late; see docs/operating/projectors.md).
     fast = pipeline(min(burst, 6), steady, fetch_wait_ms=FAST_FETCH_WAIT_MS)
     result["hop_latency_fast_fetch"] = {"fetch_wait_max_ms": FAST_FETCH_WAIT_MS,
                                         "steady": fast["steady"], "hops": fast["hops"]}

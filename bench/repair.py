@@ -60,13 +60,14 @@ from outbox.wire_formats import event_topic, is_event_topic
 from outbox_app.audit import Auditor
 from outbox_app.continuous_audit import ContinuousAudit, audit_summary, coverage_period_s
 from outbox_app.settings import AppSettings
+from outbox_app.view_rebuilds import SearchRebuild
+from outbox_app.views.search_index import VECTOR_DIMS, create_index, ensure_index, view_document
+from outbox_app.views.task_cache import TaskCache, step_states
 from outbox_images.storage import object_key, s3_client
 from outbox_images.store import AGGREGATE, image_document
 from outbox_images.tables import image_table
-from projectors.rebuild import REPLAY_BATCH, SearchRebuild, committed
+from projectors.rebuild import REPLAY_BATCH, committed
 from projectors.registry import build_runtime
-from projectors.views.search_index import VECTOR_DIMS, create_index, ensure_index, view_document
-from projectors.views.task_cache import TaskCache, step_states
 from relays.logical import LogicalRelay
 from relays.publisher import BatchPublisher
 from relays.runner import RelayProcess

@@ -37,11 +37,11 @@ from outbox.db import make_engine
 from outbox_app.api.app import create_app
 from outbox_app.sample_images import text_image
 from outbox_app.settings import AppSettings
+from outbox_app.workers.embed import EmbeddingWorker, embedding_text
+from outbox_app.workers.embedder import get_embedder
+from outbox_app.workers.ocr import OcrWorker
+from outbox_app.workers.ocr_engine import pin_engine_threads, recognize
 from outbox_images.storage import s3_client
-from projectors.workers.embed import EmbeddingWorker, embedding_text
-from projectors.workers.embedder import get_embedder
-from projectors.workers.ocr import OcrWorker
-from projectors.workers.ocr_engine import pin_engine_threads, recognize
 from tests.auth import AUTH_A
 from tests.events import latest_event
 from tests.images import upload

@@ -41,7 +41,7 @@ SW_WEBDAV_PORT=18984
 PG_DB=outbox
 PG_USER=outbox  # the owner: migrations, grants, tools; no long-running process uses it
 PG_PASSWORD=outbox
-# The process roles (README, "Database roles and privileges"); their privileges are per
+# The process roles (docs/deploying/database-roles.md); their privileges are per
 # schema, applied with `outbox grants` after a migration.
 APP_ROLE=outbox_app
 APP_PASSWORD=outbox-app-local

@@ -12,9 +12,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,6 +28,19 @@ def print_report(report: Any, as_json: bool, render: Callable[[Any], None]) -> N
         print(json.dumps(report, indent=2, default=str))
     else:
         render(report)
+
+
+def print_fields(report: Mapping[str, Any]) -> None:
+    """A report that needs no table, as one `key: value` line per field (lists and mappings
+    on their line)."""
+    for key, value in report.items():
+        if isinstance(value, Mapping):
+            text = ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
+        elif isinstance(value, list | tuple):
+            text = ", ".join(map(str, value)) or "none"
+        else:
+            text = "-" if value is None else str(value)
+        print(f"{key.replace('_', ' ')}: {text}")
 
 
 def _configuration_problems() -> list[str]:
@@ -50,21 +62,13 @@ def _configuration_problems() -> list[str]:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     """Show every setting's value and where it came from (environment, file-secret, file,
-    default, or missing), secrets masked; or, with --markdown, the README's table. Exit 2
-    when a variable or file key is unknown."""
-    from outbox.settings_registry import documented_classes, installed_classes, settings_of
-    from outbox.settings_report import markdown_table, origins, render_text, replace_table
+    default, or missing), secrets masked. Exit 2 when a variable or file key is unknown.
+    Every setting's documentation is the site's settings reference, generated from the same
+    classes."""
+    from outbox.settings_registry import installed_classes, settings_of
+    from outbox.settings_report import origins, render_text
     from outbox.settings_sources import load_config_file
 
-    if args.markdown:
-        table = markdown_table(settings_of(documented_classes()))
-        if args.write:
-            path = Path(args.write)
-            path.write_text(replace_table(path.read_text(), table))
-            print(f"wrote the settings table to {path}")
-        else:
-            print(table)
-        return 0
     problems = _configuration_problems()
     rows = origins(settings_of(installed_classes()), file_data=load_config_file())
     print_report({"settings": rows, "problems": problems}, args.json,
@@ -79,7 +83,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from outbox.migrate import migrate
 
     migrate(get_settings(), args.revision, only=args.history)
-    print(f"database schema {get_settings().db_schema!r} at {args.revision}")
+    report = {"schema": get_settings().db_schema, "revision": args.revision,
+              "history": args.history or "all"}
+    print_report(report, args.json, lambda r: print(f"database schema {r['schema']!r} at "
+                                                    f"{r['revision']}"))
     return 0
 
 
@@ -202,7 +209,9 @@ def service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
                       default_help: str = "") -> None:
     """The options every long-running process takes: where to serve /metrics, /healthz and
     /readyz, and the log level."""
-    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--metrics-host", default=None,
+                   help="address to serve them on (default: the metrics_host setting, "
+                        "OUTBOX_METRICS_HOST, itself 127.0.0.1 by default)")
     p.add_argument("--metrics-port", type=int, default=metrics_port,
                    help=f"/metrics, /healthz and /readyz (0: any free port; default: "
                         f"{default_help or metrics_port})")
@@ -211,7 +220,11 @@ def service_arguments(p: argparse.ArgumentParser, metrics_port: int | None,
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with the core's subcommands and every registered one."""
+    from outbox.extras import DISTRIBUTION, version
+
     parser = argparse.ArgumentParser(prog="outbox", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s ({DISTRIBUTION}) {version()}")
     parser.add_argument("--config", metavar="PATH",
                         help=f"the TOML configuration file (sets {CONFIG_FILE_VARIABLE}, so "
                              "the processes a command starts read it too); environment "
@@ -220,16 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="every setting's value and origin, secrets masked")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
-    p.add_argument("--markdown", action="store_true",
-                   help="the README's table of every setting instead")
-    p.add_argument("--write", metavar="README",
-                   help="with --markdown: replace the table between the markers in this file")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("migrate", help="apply the database migrations (Alembic)")
     p.add_argument("--revision", default="head", help="target revision (default: head)")
     p.add_argument("--history", default=None,
                    help="only this history (outbox, or a registered package's)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a line")
     p.set_defaults(func=_cmd_migrate)
 
     p = sub.add_parser("grants", help="the SQL giving the application's and the relay's "
@@ -275,7 +285,9 @@ def _fail(command: str, messages: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `outbox` console script. A configuration problem (a setting
     missing or invalid, an unknown variable or file key, an unreadable file) stops the
-    command at once with exit status 2 and one line per problem, naming the variable."""
+    command at once with exit status 2 and one line per problem, naming the variable; so does
+    a command or projector whose extra is not installed, naming the extra."""
+    from outbox.extras import ExtraMissing
     from outbox.settings_registry import installed_classes, validation_messages
 
     args = build_parser().parse_args(argv)
@@ -290,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problems:
                 return _fail(command, problems)
         return func(args)
-    except ConfigurationError as exc:
+    except (ConfigurationError, ExtraMissing) as exc:
         return _fail(command, [str(exc)])
     except ValidationError as exc:
         messages = validation_messages(exc, installed_classes())

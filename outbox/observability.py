@@ -8,6 +8,8 @@ reconciler processes serve `/metrics`, `/healthz` and `/readyz` with `Observabil
   dependencies do (an orchestrator restarting every process during a broker outage would
   only add to it); 503 once it is stopping or its main loop is stalled. The body is the
   process's health report (its `status` says `failing`, `sink_unavailable`... as before).
+- They listen on `--metrics-host` when given, else on the `metrics_host` setting
+  (`OUTBOX_METRICS_HOST`, 127.0.0.1 by default; 0.0.0.0 in a container).
 - `/readyz` is readiness: 200 only while the process is connected to what it needs, else 503
   with the report naming what is missing (`missing`, and a check per dependency with its
   `status` and a short `code`). Neither body carries an error's text (it can name a user or
@@ -29,6 +31,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from outbox.readiness import PublishedReadiness, missing
+from outbox.settings import Settings
 from outbox.tracing import shutdown_tracing
 
 
@@ -67,6 +70,12 @@ def configure_logging(service: str, level: str = "INFO") -> None:
 
 
 Report = dict[str, Any]
+
+
+def metrics_host(given: str | None, settings: Settings) -> str:
+    """The address to serve /metrics, /healthz and /readyz on: `--metrics-host` when given
+    on the command line, else the `metrics_host` setting."""
+    return given or settings.metrics_host
 
 
 class ObservabilityServer:

@@ -45,7 +45,8 @@ class Settings(KafkaSecuritySettings):
     kafka_idempotence: bool = Field(
         default=True,
         description="idempotent producers; turn off for a broker whose idempotence loses a "
-        "batch in flight at its restart (Tansu 0.6, see README): one request in flight per "
+        "batch in flight at its restart (Tansu 0.6, see the broker caveats of the relays' "
+        "documentation): one request in flight per "
         "connection then keeps the order, and a retry may duplicate")
     topic_prefix: str = Field(
         default="outbox", description="event topics are `<topic_prefix>.<aggregate_type>`")
@@ -98,8 +99,8 @@ class Settings(KafkaSecuritySettings):
         default=False,
         description="publish in Kafka transactions that hold whole PostgreSQL transactions, "
         "with the position reached committed in the same transaction: a read_committed "
-        "consumer sees every event once, across relay crashes and restarts (README, "
-        "\"Exactly-once publication\")")
+        "consumer sees every event once, across relay crashes and restarts (see the "
+        "documentation's \"Exactly-once publication\")")
     relay_transactional_id: str | None = Field(
         default=None,
         description="transactional.id of the exactly-once relay, also the consumer group "
@@ -141,6 +142,11 @@ class Settings(KafkaSecuritySettings):
         description="OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go to "
         "<url>/v1/traces). Unset, and without OTEL_EXPORTER_OTLP_ENDPOINT: no spans are "
         "recorded, at no cost")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="the address every long-running process serves /metrics, /healthz and "
+        "/readyz on, unless given --metrics-host (0.0.0.0 in a container, so that Prometheus "
+        "and the probes reach it)")
 
     @classmethod
     def settings_customise_sources(

@@ -89,7 +89,7 @@ def _load(group: str) -> list[Any]:
 
 def documented_classes() -> list[type[BaseSettings]]:
     """The core's settings class and those registered in `outbox.settings`: the settings
-    the README documents."""
+    the documentation's settings reference lists."""
     classes: list[type[BaseSettings]] = [Settings]
     for cls in _load(SETTINGS_GROUP):
         if isinstance(cls, type) and issubclass(cls, BaseSettings) and cls not in classes:

@@ -3,7 +3,7 @@
 A view is rebuilt by replaying its topic from offset 0, which yields every event only while
 the broker still holds them all: each partition's earliest offset (low watermark) is 0, and
 retention is infinite so that it stays 0. Only low watermarks are read: Tansu 0.6.0 reports
-the high watermark unreliably (see the README), so no lag is computed from it.
+the high watermark unreliably (see docs/operating/status.md), so no lag is computed from it.
 """
 
 from __future__ import annotations

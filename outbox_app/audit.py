@@ -42,10 +42,10 @@ from outbox.kafka import make_reader
 from outbox.wire_formats import event_topic
 from outbox_app.settings import AppSettings
 from outbox_app.trace import partition_for
+from outbox_app.views.task_cache import TaskCache
 from outbox_images.policy import NEEDS_OBJECT, OBJECT_GONE, TERMINAL, ImageState
 from outbox_images.store import AGGREGATE, ImageNotFound, load_image, resync, transition
 from outbox_images.tables import image_table
-from projectors.views.task_cache import TaskCache
 
 log = structlog.get_logger(__name__)
 

@@ -1,27 +1,43 @@
-"""The example application's commands: `outbox api`, `outbox reconcile`, `outbox demo`."""
+"""The example application's commands: `outbox api`, `outbox reconcile`, `outbox demo`, and
+the operator's tools (status, audit, rebuild, trace, retry).
+
+They are registered in a core-only install too, importing nothing beyond the core; each
+checks first that the extra it needs is installed, and names it when it is not."""
 
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Callable
 from typing import Any
 
-from outbox.cli import print_report, service_arguments
+from outbox.cli import print_fields, print_report, service_arguments
+from outbox.extras import require_extra
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _needing(extra: str, command: Command) -> Command:
+    """`command`, run once `extra` is known to be installed."""
+    def run(args: argparse.Namespace) -> int:
+        require_extra("the command", extra)  # the message is prefixed with the command
+        return command(args)
+    return run
 
 
 def _cmd_api(args: argparse.Namespace) -> int:
     """Serve the HTTP API with uvicorn (SIGTERM: finish in-flight requests, then exit)."""
     import uvicorn
 
-    from outbox.observability import configure_logging
+    from outbox.observability import configure_logging, metrics_host
     from outbox.tracing import configure_tracing, shutdown_tracing
     from outbox_app.api.app import create_app
     from outbox_app.settings import get_app_settings
 
     configure_logging("api", args.log_level)
     configure_tracing("outbox-api", get_app_settings())
+    host = metrics_host(args.host, get_app_settings())  # /metrics and probes: the API's port
     try:
-        uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None,
+        uvicorn.run(create_app(), host=host, port=args.port, log_config=None,
                     timeout_graceful_shutdown=10)
     finally:
         shutdown_tracing()  # the spans still buffered
@@ -34,13 +50,13 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     import logging
 
     from outbox.db import make_engine
-    from outbox.observability import configure_logging, serve_until_stopped
+    from outbox.observability import configure_logging, metrics_host, serve_until_stopped
     from outbox.readiness import CachedProbes, readiness_report
     from outbox_app.reconciler import Reconciler
     from outbox_app.reconciler_checks import round_checks
     from outbox_app.settings import get_app_settings
+    from outbox_app.sink_probes import store_probes
     from outbox_images.storage import s3_client
-    from projectors.sink_probes import store_probes
 
     configure_logging("reconciler", args.log_level)
     # Each round asks the search server whether its alias exists: not worth a line a round.
@@ -50,10 +66,12 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     rec = Reconciler(settings, engine, s3)
     rec.checks = round_checks(settings, engine, s3, stop=rec.stop)
     if args.once:
-        print(json.dumps(rec.run_once() + rec.run_checks()))
+        done = rec.run_once() + rec.run_checks()
+        print_report(done, args.json, lambda d: print_fields({"images repaired, by state": d}))
         return 0
     probes = CachedProbes(store_probes(settings, ("database", "s3")))
-    return serve_until_stopped(rec.stop, rec.health, args.metrics_host, args.metrics_port,
+    return serve_until_stopped(rec.stop, rec.health, metrics_host(args.metrics_host, settings),
+                               args.metrics_port,
                                lambda: rec.run(args.interval),
                                ready=lambda: readiness_report(probes.results()))
 
@@ -148,6 +166,8 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     except (ProjectorNotFound, ProjectorConflict) as exc:
         print(f"outbox rebuild: {exc}", file=sys.stderr)
         return 2
+    if args.verify:  # the image audit checks the copy
+        require_extra("--verify", "api")
     configure_logging("rebuild", "WARNING")
     settings = spec.settings()
     started = time.monotonic()
@@ -173,7 +193,7 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
         except RebuildBusy as exc:  # the reconciler healing it, or another person
             print(f"outbox rebuild: {exc}; try again once it is done", file=sys.stderr)
             return 3
-    print(json.dumps(summary))
+    print_report(summary, args.json, print_fields)
     return 0
 
 
@@ -185,8 +205,8 @@ def _verify_with_audit(rebuild: Any) -> None:
     from outbox.db import make_engine
     from outbox_app.audit import Auditor
     from outbox_app.settings import get_app_settings
+    from outbox_app.view_rebuilds import SearchRebuild
     from outbox_images.storage import s3_client
-    from projectors.rebuild import SearchRebuild
 
     if not isinstance(rebuild, SearchRebuild):
         return
@@ -280,7 +300,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     engine = make_engine(settings)
     chosen = ids or failed_images(engine, ImageState(args.state), args.org)
     done = retry(engine, settings, s3_client(settings), chosen, args.org)
-    print(json.dumps(done, indent=2))
+    print_report(done, args.json, print_fields)
     return 1 if ids and done["skipped"] else 0
 
 
@@ -317,16 +337,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the application's commands to the `outbox` command line."""
     p = sub.add_parser("api", help="serve the example application's HTTP API")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default=None,
+                   help="address to serve on, /metrics and the probes included (default: the "
+                        "metrics_host setting, OUTBOX_METRICS_HOST, itself 127.0.0.1 by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="INFO")
-    p.set_defaults(func=_cmd_api)
+    p.set_defaults(func=_needing("api", _cmd_api))
 
     p = sub.add_parser("reconcile", help="repair stuck, orphaned and expired images")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between rounds")
     p.add_argument("--once", action="store_true", help="one round, print what was done")
+    p.add_argument("--json", action="store_true", help="--once: machine-readable output")
     service_arguments(p, metrics_port=9469)
-    p.set_defaults(func=_cmd_reconcile)
+    p.set_defaults(func=_needing("api", _cmd_reconcile))
 
     p = sub.add_parser("audit", help="compare the database with the views and the bucket "
                                      "(exit 0 clean, 1 drift, 2 incomplete)")
@@ -338,7 +361,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace", type=float, default=60.0,
                    help="seconds a change may take to reach the views (default 60)")
     p.add_argument("--limit", type=int, default=1000, help="findings listed (all are counted)")
-    p.set_defaults(func=_cmd_audit)
+    p.set_defaults(func=_needing("api", _cmd_audit))
 
     p = sub.add_parser("rebuild", help="rebuild a view from the log behind the live one, "
                                        "then switch to it (no downtime)")
@@ -348,6 +371,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="search: audit the new index first; refuse to switch on drift")
     p.add_argument("--keep-old", action="store_true", help="keep the old index or keys")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=_cmd_rebuild)
 
     p = sub.add_parser("trace", help="one image's journey: state changes, views, object")
@@ -356,7 +380,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--kafka-offsets", type=int, default=0, metavar="N",
                    help="read up to N messages of the image's partition to find the offsets")
-    p.set_defaults(func=_cmd_trace)
+    p.set_defaults(func=_needing("images", _cmd_trace))
 
     p = sub.add_parser("retry", help="send failed images back to pending (a guarded "
                                      "transition with its event)")
@@ -364,7 +388,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", choices=["ocr_failed", "embedding_failed"],
                    help="every image in this state instead")
     p.add_argument("--org", default=None, help="only images of this org")
-    p.set_defaults(func=_cmd_retry)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_needing("api", _cmd_retry))
 
     p = sub.add_parser("status", help="services, relay, projector lags, images per state, "
                                       "overdue and failed images, dead letters (exit 0 "
@@ -381,8 +406,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="overdue and failed images listed (all are counted)")
     p.add_argument("--window", type=float, default=1.0,
                    help="seconds over which projector throughput is measured (0: not measured)")
-    p.set_defaults(func=_cmd_status)
+    p.set_defaults(func=_needing("api", _cmd_status))
 
     p = sub.add_parser("demo", help="the main job end to end: upload, OCR, embed, search")
     p.add_argument("--state-dir", default=".outbox", help="where PID files and logs go")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_needing("images", _cmd_demo))

@@ -36,8 +36,9 @@ API_PORT = 18000
 METRICS_PORTS = {"relay": 19464, "ocr": 19465, "embed": 19466, "search": 19467, "cache": 19468,
                  "reconcile": 19469}
 DEMO_KEY, DEMO_ORG = "demo-key", "demo-org"
-# The process roles' URLs `make up` writes into .outbox/env (README, "Database roles and
-# privileges"): the relay runs as the relay's, every other process as the application's.
+# The process roles' URLs `make up` writes into .outbox/env
+# (docs/deploying/database-roles.md): the relay runs as the relay's, every other process
+# as the application's.
 APP_URL, RELAY_URL = "STACK_APP_DATABASE_URL", "STACK_RELAY_DATABASE_URL"
 
 # Twelve English and twelve Chinese documents: a title and the lines drawn on the image.

@@ -6,16 +6,10 @@ from __future__ import annotations
 import uuid
 from urllib.parse import urlsplit
 
-import elasticsearch
-from botocore.exceptions import BotoCoreError, ClientError
-from elasticsearch import Elasticsearch
-from redis import Redis
-from redis.exceptions import RedisError, ResponseError
-
 from outbox.doctor.findings import DoctorOptions, Finding, failed, passed, warned
 from outbox.doctor.kafka import cluster_metadata, topic_presence
+from outbox.extras import require_extra
 from outbox_app.settings import AppSettings, get_app_settings
-from outbox_images.storage import s3_client
 from outbox_images.store import AGGREGATE
 
 PROBE_PREFIX = ".outbox-doctor/"  # outside orgs/, so an audit never sees a probe object
@@ -23,7 +17,9 @@ SAFE_POLICIES = ("noeviction",)
 
 
 def checks(options: DoctorOptions) -> list[Finding]:
-    """Every check of the application's stores."""
+    """Every check of the application's stores (skipped, naming the extra, when their
+    clients are not installed)."""
+    require_extra("the image application's checks", "api")
     settings = get_app_settings()
     return [*image_topic_findings(settings, options.timeout_s),
             *search_findings(settings, options.timeout_s),
@@ -64,7 +60,9 @@ def search_version_finding(server: str, client: str) -> Finding:
 
 def search_findings(settings: AppSettings, timeout_s: float) -> list[Finding]:
     """The server answers as Elasticsearch of a matching version, and the alias exists."""
-    es = Elasticsearch(settings.es_url, request_timeout=timeout_s, max_retries=0)
+    import elasticsearch
+
+    es = elasticsearch.Elasticsearch(settings.es_url, request_timeout=timeout_s, max_retries=0)
     try:
         info = es.info()
         found = [passed("search.reachable", f"{info['name']} at {_host(settings.es_url)}"),
@@ -99,6 +97,10 @@ def _s3_where(settings: AppSettings) -> str:
 
 def s3_findings(settings: AppSettings, timeout_s: float) -> list[Finding]:
     """The bucket exists, and a probe object can be written, read and deleted."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from outbox_images.storage import s3_client
+
     s3 = s3_client(settings, timeout_s=timeout_s)
     bucket, where = settings.s3_bucket, _s3_where(settings)
     credentials = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the pod's IAM role)"
@@ -134,6 +136,9 @@ def s3_findings(settings: AppSettings, timeout_s: float) -> list[Finding]:
 
 def redis_findings(settings: AppSettings, timeout_s: float) -> list[Finding]:
     """Redis answers, and does not evict the task cache's entries."""
+    from redis import Redis
+    from redis.exceptions import RedisError, ResponseError
+
     client = Redis.from_url(settings.redis_url, socket_connect_timeout=timeout_s,
                             socket_timeout=timeout_s)
     where = _host(settings.redis_url)

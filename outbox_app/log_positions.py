@@ -21,9 +21,9 @@ from confluent_kafka import KafkaError, TopicPartition
 
 from outbox.kafka import make_admin, make_reader
 from outbox.wire_formats import event_topic, is_event_topic, record_field
+from outbox_app.projector_specs import BUILTIN
 from outbox_app.settings import AppSettings
 from outbox_images.store import AGGREGATE
-from projectors.builtin_specs import BUILTIN
 from projectors.rebuild import committed
 from projectors.runtime import live_group
 

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from outbox_app.continuous_audit import ContinuousAudit
 from outbox_app.reconciler import RoundCheck
 from outbox_app.settings import AppSettings
-from projectors.view_healing import ViewHealer, builtin_views
+from outbox_app.view_healing import ViewHealer, builtin_views
 
 
 def round_checks(settings: AppSettings, engine: Engine, s3: BaseClient,

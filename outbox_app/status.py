@@ -22,9 +22,9 @@ from outbox.readiness import CachedProbes, kafka_probe
 from outbox_app.continuous_audit import audit_summary, persisting
 from outbox_app.log_positions import ThroughputMeter, committed_totals, log_positions
 from outbox_app.settings import AppSettings
+from outbox_app.sink_probes import store_probes
 from outbox_images.policy import RETRYABLE, ImageState
 from outbox_images.tables import image_table
-from projectors.sink_probes import store_probes
 from relays.admin import relay_status
 
 SERVICES = ("database", "kafka", "search", "redis", "s3")

@@ -25,9 +25,9 @@ from sqlalchemy.engine import Engine
 from outbox.kafka import make_reader
 from outbox.wire_formats import event_topic, record_field
 from outbox_app.settings import AppSettings
+from outbox_app.views.task_cache import TaskCache
 from outbox_images.store import AGGREGATE, ImageNotFound
 from outbox_images.tables import image_event_table, image_table
-from projectors.views.task_cache import TaskCache
 
 
 def partition_for(key: str, partitions: int) -> int:

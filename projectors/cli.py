@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from outbox.cli import print_report, service_arguments
+from outbox.cli import print_fields, print_report, service_arguments
 
 
 def _cmd_project(args: argparse.Namespace) -> int:
     """Run one installed projector until SIGTERM."""
     import sys
 
-    from outbox.observability import configure_logging
+    from outbox.observability import configure_logging, metrics_host
     from outbox.tracing import configure_tracing
     from projectors.discovery import ProjectorConflict, ProjectorNotFound, load_spec
     from projectors.registry import serve_projector
@@ -25,12 +25,11 @@ def _cmd_project(args: argparse.Namespace) -> int:
     configure_logging(f"projector-{args.name}", args.log_level)
     configure_tracing(f"outbox-projector-{args.name}", settings)
     port = spec.metrics_port if args.metrics_port is None else args.metrics_port
-    return serve_projector(settings, spec, args.metrics_host, port)
+    return serve_projector(settings, spec, metrics_host(args.metrics_host, settings), port)
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
     """List the dead letters of a topic, or publish them again to their source."""
-    import json
     import sys
 
     from confluent_kafka import KafkaException
@@ -47,7 +46,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
             letters = list_dead_letters(get_settings(), args.topic)
             print_report(letters, args.json, _print_letters)
             return 0
-        print(json.dumps(replay(get_settings(), args.topic)))
+        print_report(replay(get_settings(), args.topic), args.json, print_fields)
         return 0
     except (KafkaException, KeyError, RuntimeError) as exc:
         print(f"outbox dlq {args.action}: {exc}", file=sys.stderr)
@@ -85,5 +84,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "their source topic once the cause is fixed")
     p.add_argument("action", choices=["list", "replay"])
     p.add_argument("topic", help="a dead-letter topic, <topic>.dlq.<consumer>")
-    p.add_argument("--json", action="store_true", help="list: machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_dlq)

@@ -50,12 +50,9 @@ def projector_names(found: Iterable[EntryPoint] | None = None) -> list[str]:
     return sorted(_entry_points(found))
 
 
-def load_spec(name: str, found: Iterable[EntryPoint] | None = None) -> ProjectorSpec:
-    """The spec of projector `name`. Raises ProjectorNotFound (listing the installed ones)
-    or ProjectorConflict."""
+def _load(name: str, eps: dict[str, EntryPoint]) -> ProjectorSpec:
     from projectors.spec import ProjectorSpec  # the runtime's types: only when loading
 
-    eps = _entry_points(found)
     if name not in eps:
         raise ProjectorNotFound(name, sorted(eps))
     spec = eps[name].load()
@@ -67,11 +64,25 @@ def load_spec(name: str, found: Iterable[EntryPoint] | None = None) -> Projector
     return spec
 
 
+def load_spec(name: str, found: Iterable[EntryPoint] | None = None) -> ProjectorSpec:
+    """The spec of projector `name`, to run it. Raises ProjectorNotFound (listing the
+    installed ones), ProjectorConflict, or outbox.extras.ExtraMissing when the extra it
+    needs is not installed."""
+    from outbox.extras import require_extra
+
+    eps = _entry_points(found)
+    spec = _load(name, eps)
+    dist = eps[name].dist
+    if spec.extra is not None and dist is not None:
+        require_extra(f"projector {name!r}", spec.extra, dist.name)
+    return spec
+
+
 def load_specs(found: Iterable[EntryPoint] | None = None) -> dict[str, ProjectorSpec]:
-    """Every installed projector's spec by name. Raises ProjectorConflict when two declare
-    one name or one metrics port."""
-    eps = list(_entry_points(found).values())
-    specs = {ep.name: load_spec(ep.name, eps) for ep in eps}
+    """Every installed projector's spec by name, whether or not the extras they need are
+    installed. Raises ProjectorConflict when two declare one name or one metrics port."""
+    eps = _entry_points(found)
+    specs = {name: _load(name, eps) for name in eps}
     ports: dict[int, str] = {}
     for spec in specs.values():
         if spec.metrics_port in ports:

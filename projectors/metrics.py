@@ -7,8 +7,10 @@ DEAD_LETTERS = Counter("outbox_projector_dead_letters_total", "messages sent to 
                        ["projector"])
 RETRIES = Counter("outbox_projector_retries_total", "batch retries after an error",
                   ["projector"])
+# Computed at each scrape by the runtime's LagClock (projectors/lag.py).
 LAG_SECONDS = Gauge("outbox_projector_lag_seconds",
-                    "now minus occurred_at of the last applied event", ["projector"])
+                    "now minus occurred_at of the oldest event not yet applied (0 when "
+                    "caught up)", ["projector"])
 # The hop into this projector: relay, broker, fetch and batching together. Fine buckets
 # below a second, where a healthy pipeline's hops are.
 PICKUP_SECONDS = Histogram(
@@ -21,3 +23,10 @@ BATCH_SECONDS = Histogram("outbox_projector_batch_seconds", "time to apply one b
                           ["projector"])
 OCR_RUNS = Counter("outbox_ocr_engine_runs_total", "images read by the OCR engine")
 EMBEDDING_TEXTS = Counter("outbox_embedding_texts_total", "texts embedded by the model")
+
+
+def start_counting(projector: str) -> None:
+    """Export the projector's counters at 0 from its start: a series that first appears
+    with its first dead letter (or event) is one that `increase()` cannot see grow."""
+    for counter in (APPLIED, DEAD_LETTERS, RETRIES):
+        counter.labels(projector)

@@ -38,6 +38,7 @@ from outbox.kafka import TopicManager, dlq_topic, make_consumer, make_producer
 from outbox.readiness import CachedProbes, Probe, kafka_probe, missing, ok, readiness_report
 from outbox.wire_formats import decode_record, event_topic
 from projectors.apply_spans import end_apply_spans, note_retry, start_apply_spans, traceparent
+from projectors.lag import LagClock
 from projectors.metrics import (
     APPLIED,
     BATCH_SECONDS,
@@ -45,6 +46,7 @@ from projectors.metrics import (
     LAG_SECONDS,
     PICKUP_SECONDS,
     RETRIES,
+    start_counting,
 )
 from projectors.settings import RuntimeSettings
 from projectors.spec import Projector
@@ -101,6 +103,12 @@ class ConsumerRuntime:
         self._probes = CachedProbes({"broker": kafka_probe(settings), **(sink_probes or {})})
         self._dlq_errors: list[str] = []
         self.at_end: set[tuple[str, int]] = set()
+        self.lag = LagClock()
+        start_counting(projector.name)
+        if self.group_id == live_group(settings, projector.name):
+            # Read at every scrape; a rebuild's replay (a group of its own) is not the
+            # projector's lag.
+            LAG_SECONDS.labels(projector.name).set_function(self.lag.seconds)
         self._consumer = make_consumer(
             settings, self.group_id, settings.projector_session_timeout_ms,
             **{"max.poll.interval.ms": settings.projector_max_poll_interval_ms,
@@ -143,6 +151,7 @@ class ConsumerRuntime:
         self._revoked = True
         self.abandon.set()
         self._assigned = 0
+        self.lag.revoked()
         log.info("partitions_revoked", partitions=[(p.topic, p.partition) for p in partitions])
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -164,7 +173,9 @@ class ConsumerRuntime:
                 # consume(n, t) alone waits out t for a short batch (a hop's latency), and
                 # during a burst the batch fills while the one before is applied.
                 first = self._consumer.poll(0.5)
-                if first is not None:
+                if first is None:
+                    self.lag.nothing_new()
+                else:
                     more = self.settings.projector_batch_size - 1
                     self._handle([first, *(self._consumer.consume(more, 0)
                                            if more else [])])
@@ -211,6 +222,7 @@ class ConsumerRuntime:
                 items.append((msg, decode_record(msg.key(), msg.value(), msg.headers())))
             except ValueError as exc:  # UndecodableRecord, with the reason
                 self._dead_letter(msg, f"undecodable: {exc}".replace("\n", " ")[:500])
+        self.lag.batch_received(env.occurred_at for _, env in items)
         start_apply_spans(self.projector.name, self.group_id, items)
         applied = False
         try:
@@ -242,10 +254,8 @@ class ConsumerRuntime:
         if items:
             self.applied += len(items)
             APPLIED.labels(self.projector.name).inc(len(items))
-            last = max(env.occurred_at for _, env in items)
-            LAG_SECONDS.labels(self.projector.name).set(
-                max(0.0, (datetime.now(UTC) - last).total_seconds()))
             self.last_applied_at = time.time()
+        self.lag.batch_applied(env.occurred_at for _, env in items)
         return True
 
     def _hand_back(self, msgs: list[Message]) -> None:

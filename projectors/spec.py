@@ -65,7 +65,10 @@ class ProjectorSpec:
     down). `transient` says which errors mean "the sink is down, wait": a tuple of exception
     types or a function of the exception, on top of the generic ones (lost connections,
     timeouts, SQLAlchemy's OperationalError). `rebuild(settings, on_progress)`, when given,
-    builds a `projectors.rebuild.Rebuild` of its view for `outbox rebuild <name>`.
+    builds a `projectors.rebuild.Rebuild` of its view for `outbox rebuild <name>`. `extra`
+    names the extra of the distribution declaring the entry point whose packages the
+    projector needs: when they are not installed, loading the spec says what to install
+    (the spec's own module imports none of them).
     """
 
     name: str
@@ -76,3 +79,4 @@ class ProjectorSpec:
     transient: tuple[type[BaseException], ...] | TransientCheck = ()
     rebuild: RebuildFactory | None = None
     description: str = ""
+    extra: str | None = None

@@ -18,7 +18,7 @@
     id. This is what the relay reads on start: a transactional offset commit is visible
     once its transaction committed and never otherwise, on any broker, whereas the local
     broker lets an aborted transaction's records through to `read_committed` readers, and
-    it keeps no offset metadata (README, "Exactly-once publication").
+    it keeps no offset metadata (docs/concepts/exactly-once.md).
 """
 
 from __future__ import annotations

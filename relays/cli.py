@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import psycopg
@@ -13,7 +12,7 @@ from outbox.cli import print_report, service_arguments
 
 def _cmd_relay(args: argparse.Namespace) -> int:
     """Publish the outbox to Kafka until SIGTERM."""
-    from outbox.observability import configure_logging
+    from outbox.observability import configure_logging, metrics_host
     from outbox.settings import get_settings
     from outbox.tracing import configure_tracing
     from relays.runner import serve_relay
@@ -23,7 +22,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
         return 2
     configure_logging(f"relay-{args.mode}", args.log_level)
     configure_tracing("outbox-relay", get_settings())
-    return serve_relay(get_settings(), args.mode, args.metrics_host, args.metrics_port)
+    return serve_relay(get_settings(), args.mode, metrics_host(args.metrics_host, get_settings()),
+                       args.metrics_port)
 
 
 def _poll_refusal() -> str | None:
@@ -121,12 +121,40 @@ def _leader(leader: dict) -> str:
             f"{leader['backend_start']:%Y-%m-%d %H:%M:%S}")
 
 
-def _cmd_drop(_: argparse.Namespace) -> int:
-    """Retire logical decoding for this outbox (slot, publication, record) safely."""
+def _confirmed(args: argparse.Namespace) -> bool | None:
+    """Whether the drop may go ahead: --yes, or "y" typed at the terminal's prompt; None
+    when there is no terminal to ask and no --yes."""
+    from outbox.pg_names import publication_name, slot_name
+    from outbox.settings import get_settings
+
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        return None
+    schema = get_settings().db_schema
+    print(f"Drop the replication slot {slot_name(schema)!r} and the publication "
+          f"{publication_name(schema)!r} of schema {schema!r}? What the slot still holds is "
+          "published first. [y/N] ", end="", flush=True)
+    # Not input(): end of input (Ctrl-D) is a no, not a traceback.
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _cmd_drop(args: argparse.Namespace) -> int:
+    """Retire logical decoding for this outbox (slot, publication, record) safely, once
+    confirmed."""
+    from outbox.cli import print_fields
     from outbox.observability import configure_logging
     from outbox.settings import get_settings
     from relays.admin import RelayBusy, drop_relay
 
+    confirmed = _confirmed(args)
+    if confirmed is None:
+        print("outbox relay drop: not dropped: no terminal to confirm on; pass --yes to drop "
+              "the slot and the publication", file=sys.stderr)
+        return 2
+    if not confirmed:
+        print("outbox relay drop: not confirmed; nothing dropped", file=sys.stderr)
+        return 1
     configure_logging("relay-drop")  # JSON lines on stderr; the result goes to stdout
 
     try:
@@ -137,7 +165,7 @@ def _cmd_drop(_: argparse.Namespace) -> int:
     except psycopg.Error as exc:
         print(f"outbox relay drop: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(done))
+    print_report(done, args.json, print_fields)
     return 0
 
 
@@ -155,5 +183,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_status)
     d = actions.add_parser("drop", help="retire the slot and publication without losing or "
-                                        "repeating an event (stop the relays first)")
+                                        "repeating an event (stop the relays first)",
+                           description="Asks for confirmation at a terminal; elsewhere (a "
+                                       "script, a Job) it drops only with --yes, and exits 2 "
+                                       "without it.")
+    d.add_argument("--yes", action="store_true",
+                   help="drop without asking (needed where there is no terminal)")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_cmd_drop)

@@ -22,3 +22,12 @@ SLOT_LAG_BYTES = Gauge("outbox_relay_slot_lag_bytes",
 OLDEST_UNPUBLISHED_AGE = Gauge("outbox_relay_oldest_unpublished_age_seconds",
                                "age of the oldest event not yet published")
 IS_LEADER = Gauge("outbox_relay_leader", "1 while this process holds the relay lock")
+
+
+def start_counting(mode: str) -> None:
+    """Export the relay's counters of `mode` at 0 from its start: a series that first
+    appears with its first error or dead letter is one that `increase()` cannot see grow.
+    Slot recreations are labelled by a reason known only when one happens; their alert
+    counts a new series as well."""
+    for counter in (EVENTS_PUBLISHED, BATCHES, DEAD_LETTERS, PUBLISH_ERRORS):
+        counter.labels(mode)

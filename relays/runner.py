@@ -55,6 +55,7 @@ from relays.metrics import (
     IS_LEADER,
     PUBLISH_ERRORS,
     PUBLISH_LATENCY,
+    start_counting,
 )
 from relays.pgoutput import TruncatedFrame
 from relays.poll import PollRelay
@@ -186,6 +187,7 @@ class RelayProcess:
         Leadership can be lost (the lock's session ended, e.g. a database restart): the
         relay then stops publishing and waits as a standby again.
         """
+        start_counting(self.mode)
         lock = LeaderLock(self.dsn, relay_lock_name(self.settings.db_schema))
         stats = StatsSampler(self.dsn, self.settings.db_schema, self.mode)
         stats.start()

@@ -20,10 +20,10 @@ from sqlalchemy import create_engine, text
 
 from outbox.migrate import migrate
 from outbox_app.settings import AppSettings
+from outbox_app.views.task_cache import TaskCache
 from outbox_images.storage import s3_client
 from projectors.registry import build_runtime
 from projectors.runtime import ConsumerRuntime
-from projectors.views.task_cache import TaskCache
 from relays.runner import RelayProcess
 from tests.auth import API_KEYS
 from tests.db_roles import apply_grants, as_app, as_relay

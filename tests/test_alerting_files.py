@@ -1,5 +1,6 @@
 """The alert rules and the Grafana dashboard in infra/: the shape Prometheus and Grafana
-load, only metrics and labels the code exports, and a README line for every alert."""
+load, only metrics and labels the code exports, and a section of the documentation's alert
+page for every alert, which its runbook_url opens."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ RULES = ROOT / "infra/prometheus/alerts.yaml"
 RULE_TESTS = ROOT / "infra/prometheus/alerts.test.yaml"
 SCRAPE_CONFIG = ROOT / "infra/prometheus/prometheus.yml"
 DASHBOARD = ROOT / "infra/grafana/outbox-dashboard.json"
-README = ROOT / "README.md"
-SECTION = "What to watch: alerts and dashboard"
+ALERTS_PAGE = ROOT / "docs/operating/alerts.md"
+# Where the documentation site serves docs/operating/alerts.md.
+ALERTS_URL = "https://outbox-sidecar.readthedocs.io/en/latest/operating/alerts/"
 
 RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
 SEVERITIES = {"warning", "critical"}
@@ -33,12 +35,10 @@ GRAFANA_INTERVALS = re.compile(r"\$__(rate_interval|interval|range)\b")
 DASHBOARD_UID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
-def github_anchor(heading: str) -> str:
-    """The anchor GitHub gives a heading."""
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-
-
-RUNBOOK = f"README.md#{github_anchor(SECTION)}"
+def runbook_url(alert: str) -> str:
+    """The alert's section of the alert page: MkDocs makes a heading that is one word its
+    lower-cased anchor."""
+    return f"{ALERTS_URL}#{alert.lower()}"
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,9 @@ def _rule_problems(rule: dict, series: dict[str, frozenset[str]]) -> list[str]:
     for key in ("summary", "description"):
         if not isinstance(annotations.get(key), str) or not annotations[key].strip():
             problems.append(f"annotations.{key} is missing")
-    if annotations.get("runbook_url") != RUNBOOK:
-        problems.append(f"annotations.runbook_url must be {RUNBOOK}")
+    if isinstance(rule.get("alert"), str) and \
+            annotations.get("runbook_url") != runbook_url(rule["alert"]):
+        problems.append(f"annotations.runbook_url must be {runbook_url(rule['alert'])}")
     if not isinstance(rule.get("expr"), str):
         return [*problems, "`expr` is missing"]
     check = ExpressionCheck(rule["expr"], series)
@@ -166,14 +167,18 @@ def _panel_problems(panel: dict, datasource: dict, variables: set[str],
     return problems
 
 
-def readme_problems(readme: str, alert_names: list[str]) -> list[str]:
-    """The README's section on alerts must exist and name every alert."""
-    match = re.search(rf"^### {re.escape(SECTION)}\n(.*?)(?=^#{{1,3}} |\Z)", readme,
-                      re.MULTILINE | re.DOTALL)
-    if match is None:
-        return [f"README.md has no `### {SECTION}` section"]
-    return [f"the README section does not mention {name}" for name in alert_names
-            if f"`{name}`" not in match.group(1)]
+def alert_page_problems(page: str, alert_names: list[str]) -> list[str]:
+    """The alert page must have a `##` section named exactly as each alert (the anchor its
+    runbook_url opens), with text in it, and none for an alert that does not exist."""
+    sections = dict(re.findall(r"^## (.+?)\s*\n(.*?)(?=^## |\Z)", page,
+                               re.MULTILINE | re.DOTALL))
+    headings = {name for name in sections if ALERT_NAME.match(name) and
+                name.startswith("Outbox")}
+    problems = [f"no `## {name}` section" for name in alert_names if name not in sections]
+    problems += [f"the `## {name}` section is empty" for name in alert_names
+                 if name in sections and not sections[name].strip()]
+    problems += [f"`## {name}` is no alert" for name in sorted(headings - set(alert_names))]
+    return problems
 
 
 def test_the_rule_file_is_valid_and_uses_exported_metrics(rules, series):
@@ -185,9 +190,13 @@ def test_the_dashboard_is_valid_and_uses_exported_metrics(dashboard, series):
     assert dashboard_problems(dashboard, series) == []
 
 
-def test_the_readme_explains_every_alert(rules):
+def test_the_alert_page_explains_every_alert_where_its_runbook_url_points(rules):
     names = [rule["alert"] for rule in alerts_of(rules)]
-    assert readme_problems(README.read_text(), names) == []
+    assert alert_page_problems(ALERTS_PAGE.read_text(), names) == []
+    for rule in alerts_of(rules):
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith(ALERTS_URL), url
+        assert url.removeprefix(ALERTS_URL) == f"#{rule['alert'].lower()}"
 
 
 def test_counters_and_histograms_are_known_by_their_series_names(series):
@@ -196,6 +205,9 @@ def test_counters_and_histograms_are_known_by_their_series_names(series):
     assert series["outbox_relay_publish_latency_seconds_bucket"] >= {"le", "job"}
     assert "le" not in series["outbox_relay_publish_latency_seconds_count"]
     assert series["outbox_projector_lag_seconds"] == {"projector", "job", "instance"}
+    # Prometheus' naming rule: a histogram of durations ends in _duration_seconds.
+    assert series["outbox_http_request_duration_seconds_bucket"] >= {"route", "le"}
+    assert "outbox_http_request_seconds_bucket" not in series
     assert series["outbox_images"] == {"state", "job", "instance"}
 
 
@@ -225,6 +237,8 @@ FIRST = ("groups", 0, "rules", 0)
     ((*FIRST, "labels"), {}, "labels.severity"),
     ((*FIRST, "for"), "5 minutes", "is not a duration"),
     ((*FIRST, "annotations", "runbook_url"), "README.md#alerts", "runbook_url"),
+    ((*FIRST, "annotations", "runbook_url"), f"{ALERTS_URL}#outboxrelaynoleader",
+     "runbook_url must be"),
     ((*FIRST, "annotations", "description"), "", "annotations.description"),
     ((*FIRST, "alert"), "OutboxRelayWalRetainedCritical", "a second alert"),
     ((*FIRST, "severity"), "warning", "unknown key"),
@@ -259,13 +273,14 @@ def test_the_dashboard_checks_catch_mistakes(dashboard, series, change, expected
     assert any(expected in p for p in problems), problems
 
 
-def test_the_readme_check_catches_a_missing_alert():
-    text = f"## Operating\n\n### {SECTION}\n\n- `OutboxRelayNoLeader`: ...\n\n### Next\n`B`\n"
-    assert readme_problems(text, ["OutboxRelayNoLeader"]) == []
-    assert readme_problems(text, ["OutboxRelayNoLeader", "B"]) == [
-        "the README section does not mention B"]
-    assert readme_problems("## Operating\n", ["A"]) == [
-        f"README.md has no `### {SECTION}` section"]
+def test_the_alert_page_check_catches_a_missing_empty_or_unknown_section():
+    page = ("# Alerts\n\n## Before you start\n\nText.\n\n## OutboxRelayNoLeader\n\n"
+            "What to do.\n\n## OutboxGone\n\nOld.\n\n## OutboxEmpty\n\n")
+    assert alert_page_problems(page, ["OutboxRelayNoLeader", "OutboxGone", "OutboxEmpty"]) \
+        == ["the `## OutboxEmpty` section is empty"]
+    assert alert_page_problems(page, ["OutboxRelayNoLeader", "OutboxEmpty", "OutboxNew"]) == [
+        "no `## OutboxNew` section", "the `## OutboxEmpty` section is empty",
+        "`## OutboxGone` is no alert"]
 
 
 def test_every_alert_has_a_firing_and_a_silent_unit_test(rules):

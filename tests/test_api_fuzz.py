@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from outbox.migrate import migrate
 from outbox_app.api.app import create_app
 from outbox_app.settings import AppSettings
-from projectors.views.search_index import ensure_index
+from outbox_app.views.search_index import ensure_index
 from tests.auth import API_KEYS
 
 FUZZ_EXAMPLES = int(os.environ.get("OUTBOX_FUZZ_EXAMPLES", "40"))

@@ -16,8 +16,8 @@ from prometheus_client import REGISTRY
 
 from outbox.envelope import EventEnvelope
 from outbox.kafka import dlq_topic
+from outbox_app.store_errors import is_outage
 from projectors.runtime import ConsumerRuntime
-from projectors.store_errors import is_outage
 from relays.publisher import TopicManager
 from tests.own_redis import OwnRedis
 from tests.pipeline_harness import committed_offsets, wait_for

@@ -18,9 +18,9 @@ from outbox.db import make_engine
 from outbox_app.api.app import create_app
 from outbox_app.continuous_audit import ContinuousAudit, audit_lock_name, audit_summary
 from outbox_app.reconciler import Reconciler
+from outbox_app.views.search_index import ensure_index
+from outbox_app.views.task_cache import TaskCache
 from outbox_images.storage import s3_client
-from projectors.views.search_index import ensure_index
-from projectors.views.task_cache import TaskCache
 from tests.auth import AUTH_A
 from tests.db_roles import as_app
 from tests.events import events_of

@@ -9,10 +9,10 @@ import uuid
 from datetime import UTC, datetime
 
 from outbox.envelope import EventEnvelope
+from outbox_app.settings import WorkerSettings
+from outbox_app.workers.ocr import OcrWorker
 from outbox_images.policy import ImageState, after_crash
 from outbox_images.settings import ImageSettings
-from projectors.settings import WorkerSettings
-from projectors.workers.ocr import OcrWorker
 
 S = ImageState
 

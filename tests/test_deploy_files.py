@@ -1,11 +1,12 @@
 """The deploy files (infra/Dockerfile, infra/compose.yaml, infra/k8s/), checked offline.
 
-Each file against its schema or linter (kubernetes-validate, check-jsonschema with the
-Compose Specification's schema vendored in infra/schemas/, hadolint), and against the code:
-every `outbox ...` command they run parses with the real command line, every `OUTBOX_*`
+Each file against its schema or linter (kubernetes-validate on the rendered overlays,
+check-jsonschema with the Compose Specification's schema vendored in infra/schemas/,
+hadolint), and against the code: every `outbox ...` command they run parses with the real
+command line, runs in the image target that installs what it imports, every `OUTBOX_*`
 variable they set is a field of a settings class, every probe looks where its process
-listens, and the HPAs stop at the topic's partition count. No image is built and nothing is
-started here.
+listens, and the autoscalers stop at the topic's partition count. No image is built and
+nothing is started here; tests/test_kustomize.py checks the Kubernetes overlays further.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import functools
 import io
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,8 +35,8 @@ from pydantic_settings import BaseSettings
 from outbox.cli import build_parser
 from outbox.kafka import topic_name
 from outbox.settings import Settings
+from outbox_app.projector_specs import BUILTIN
 from outbox_images.store import AGGREGATE
-from projectors.builtin_specs import BUILTIN
 from tests.project_modules import PACKAGES, import_project_modules
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +47,16 @@ COMPOSE = INFRA / "compose.yaml"
 # (check_jsonschema/builtin_schemas/vendor/compose-spec.json).
 COMPOSE_SCHEMA = INFRA / "schemas" / "compose-spec.json"
 K8S = INFRA / "k8s"
+OVERLAYS = ("dev", "production")
 # The oldest Kubernetes with the PDBs' unhealthyPodEvictionPolicy generally available, and
 # the newest the installed kubernetes-validate knows.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 IMAGE = "outbox-sidecar"
+# The Dockerfile target each command runs in: the one that installs the extras it imports.
+TARGETS = {("api", None): "api", ("reconcile", None): "api", ("relay", None): "relay",
+           ("migrate", None): "relay", ("grants", None): "relay", ("topics", None): "relay",
+           ("project", "ocr"): "worker", ("project", "embed"): "worker",
+           ("project", "search"): "views", ("project", "cache"): "views"}
 # Every process the deployments must run, as (command, projector name or None).
 PROCESSES = {("api", None), ("relay", None), ("reconcile", None),
              *(("project", spec.name) for spec in BUILTIN)}
@@ -59,21 +69,65 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+def kustomize(directory: Path) -> str:
+    """`kubectl kustomize directory`: the manifests an apply -k would send, rendered offline."""
+    kubectl = Path(sys.executable).parent / "kubectl"
+    done = _run(str(kubectl) if kubectl.exists() else shutil.which("kubectl") or "kubectl",
+                "kustomize", str(directory))
+    assert done.returncode == 0, f"kubectl kustomize {directory}: {done.stderr}"
+    return done.stdout
+
+
+@functools.cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    """The documents of an overlay of infra/k8s/overlays, rendered."""
+    return tuple(d for d in yaml.safe_load_all(kustomize(K8S / "overlays" / overlay)) if d)
+
+
+def render_variant(where: Path, components: list[str],
+                   settings: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The base with `components` (names under infra/k8s/components) and `settings` merged
+    into its ConfigMap, rendered from an overlay written in `where`."""
+    up = os.path.relpath(K8S, where)  # kustomize takes no absolute path to a base
+    kustomization: dict[str, Any] = {
+        "resources": [f"{up}/base"],
+        "components": [f"{up}/components/{name}" for name in components]}
+    if settings:
+        kustomization["configMapGenerator"] = [{
+            "name": "outbox-config", "behavior": "merge",
+            "literals": [f"{k}={v}" for k, v in settings.items()]}]
+    (where / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return [d for d in yaml.safe_load_all(kustomize(where)) if d]
+
+
 def _run(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def _manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-
-
-def _k8s_docs() -> list[dict[str, Any]]:
-    return [doc for path in _manifest_files() for doc in yaml.safe_load_all(path.read_text())
-            if doc]
+def _k8s_docs(overlay: str = "production") -> list[dict[str, Any]]:
+    return list(rendered(overlay))
 
 
 def _compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
+
+
+def _dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """The instructions of each named stage of the Dockerfile (its FROM line first)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, rest in _dockerfile_instructions():
+        if keyword == "FROM":
+            current = stages.setdefault(rest.split()[-1], [])
+        current.append((keyword, rest))
+    return stages
+
+
+def _image_target(image: str) -> str:
+    """The Dockerfile target an image name stands for: outbox-sidecar-<target>[:tag]."""
+    match = re.fullmatch(rf"{IMAGE}-([a-z]+)(:[\w.-]+)?", image)
+    assert match, f"{image}: not an image of infra/Dockerfile (outbox-sidecar-<target>)"
+    return match[1]
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -88,8 +142,8 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
-def _configmap() -> dict[str, str]:
-    maps = [d for d in _k8s_docs() if d["kind"] == "ConfigMap"]
+def _configmap(overlay: str = "production") -> dict[str, str]:
+    maps = [d for d in _k8s_docs(overlay) if d["kind"] == "ConfigMap"]
     assert len(maps) == 1, "one ConfigMap holds the settings"
     return maps[0]["data"]
 
@@ -109,19 +163,19 @@ class Process:
 
 def _compose_processes() -> Iterator[Process]:
     for name, service in _compose()["services"].items():
-        if service.get("image", "").split(":")[0] == IMAGE or "build" in service:
+        if service.get("image", "").startswith(f"{IMAGE}-") or "build" in service:
             assert "entrypoint" not in service, f"compose {name}: the image's entrypoint is outbox"
             yield Process(f"compose service {name}", service["command"], service)
 
 
-def _k8s_workloads() -> Iterator[dict[str, Any]]:
-    return (d for d in _k8s_docs() if d["kind"] in ("Deployment", "Job"))
+def _k8s_workloads(overlay: str = "production") -> Iterator[dict[str, Any]]:
+    return (d for d in _k8s_docs(overlay) if d["kind"] in ("Deployment", "Job"))
 
 
-def _k8s_processes() -> Iterator[Process]:
-    for doc in _k8s_workloads():
+def _k8s_processes(overlay: str = "production") -> Iterator[Process]:
+    for doc in _k8s_workloads(overlay):
         for container in doc["spec"]["template"]["spec"]["containers"]:
-            if container["image"].split(":")[0] == IMAGE:
+            if container["image"].startswith(f"{IMAGE}-"):
                 where = f"{doc['kind']} {doc['metadata']['name']}"
                 assert "command" not in container, f"{where}: the image's entrypoint is outbox"
                 yield Process(where, container["args"], container)
@@ -170,31 +224,55 @@ def _kind(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return args.command, getattr(args, "name", None)
 
 
-def _listens(args: argparse.Namespace) -> tuple[str, int]:
-    """Host and port of a long-running process's /healthz (the API: its own port)."""
+def _image_env() -> dict[str, str]:
+    """The environment every role image sets (the base stage's ENV)."""
+    env: dict[str, str] = {}
+    for keyword, rest in _dockerfile_stages()["base"]:
+        if keyword == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(rest))
+    return env
+
+
+def _listens(process: Process) -> tuple[str, int]:
+    """Host and port of a long-running process's /healthz (the API: its own port). The
+    metrics host is the image's OUTBOX_METRICS_HOST unless the command line names one."""
+    args = _parse(process)
     if args.command == "api":
         return args.host, args.port
     port = args.metrics_port
     if port is None:
         port = {spec.name: spec.metrics_port for spec in BUILTIN}[args.name]
-    return args.metrics_host, port
+    if "--metrics-host" in process.argv:
+        return args.metrics_host, port
+    return _image_env()["OUTBOX_METRICS_HOST"], port
 
 
 # --- schemas and linters ------------------------------------------------------------------
 
+# Kinds whose schemas kubernetes-validate does not have; tests/test_kustomize.py checks
+# them against their CustomResourceDefinitions' schemas.
+CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_manifest_is_valid_kubernetes(version):
-    files = _manifest_files()
-    assert len(files) >= 5
+def test_every_rendered_manifest_is_valid_kubernetes(overlay, version, tmp_path):
+    docs = [d for d in rendered(overlay) if d["kind"] not in CUSTOM_KINDS]
+    assert len(docs) >= 20
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
     done = _run(_tool("kubernetes-validate"), "--strict", "--kubernetes-version", version,
-                *map(str, files))
+                str(path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "passed" in done.stdout
+    assert done.stdout.count("passed") == len(docs), done.stdout + done.stderr
 
 
-def test_the_kustomization_applies_every_manifest():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == [p.name for p in _manifest_files()]
+def test_every_kustomization_lists_every_manifest_beside_it():
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        listed = yaml.safe_load(kustomization.read_text()).get("resources", [])
+        here = sorted(p.name for p in kustomization.parent.glob("*.yaml")
+                      if p.name != "kustomization.yaml")
+        assert sorted(r for r in listed if r.endswith(".yaml")) == here, kustomization
 
 
 def test_the_compose_file_follows_the_compose_specification():
@@ -207,6 +285,31 @@ def test_the_compose_file_follows_the_compose_specification():
     for name, service in services.items():
         unknown = set(service.get("depends_on", {})) - set(services)
         assert not unknown, f"compose service {name} depends on undefined {unknown}"
+
+
+def test_every_role_image_is_small_non_root_and_reachable():
+    stages = _dockerfile_stages()
+    assert {"relay", "views", "api", "worker"} <= set(stages)
+    assert {_image_target(f"{IMAGE}-{t}") for t in TARGETS.values()} <= set(stages)
+    env = _image_env()
+    assert env["OUTBOX_METRICS_HOST"] == "0.0.0.0", "metrics unreachable from outside"
+    extras = {"relay": ".", "views": "'.[views]'", "api": "'.[api]'",
+              "worker": "'.[ocr,embedding]'"}
+    for target, extra in extras.items():
+        instructions = stages[target]
+        assert instructions[0][1].split()[0] == "base", f"{target}: not built on base"
+        assert ("USER", "10001:10001") in instructions, f"{target}: runs as root"
+        assert ("ENTRYPOINT", '["outbox"]') in instructions, target
+        [source] = [rest.split()[0].removeprefix("--from=") for keyword, rest in instructions
+                    if keyword == "COPY"]
+        installs = [" ".join(rest.split()) for keyword, rest in stages[source]
+                    if keyword == "RUN"]
+        assert installs == [f"pip install --no-cache-dir -c constraints.txt {extra} "
+                            "&& pip uninstall --yes pip"], f"{target}: installs {installs}"
+        runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
+        # Only the worker carries tesseract; no final stage installs a compiler.
+        assert ("tesseract-ocr" in runs) == (target == "worker"), target
+        assert not re.search(r"\b(gcc|build-essential|python3-dev)\b", runs), target
 
 
 def test_the_dockerfile_passes_hadolint_with_no_rule_ignored(tmp_path):
@@ -241,10 +344,11 @@ def test_the_build_context_holds_what_the_dockerfile_copies():
 # --- the files against the command line and the settings ---------------------------------
 
 def test_the_image_runs_outbox_and_every_command_the_files_use_exists():
-    entrypoint = [yaml.safe_load(rest) for keyword, rest in _dockerfile_instructions()
-                  if keyword == "ENTRYPOINT"]
-    assert entrypoint == [["outbox"]]
-    processes = [*_compose_processes(), *_k8s_processes(), *_dockerfile_processes()]
+    entrypoints = [yaml.safe_load(rest) for keyword, rest in _dockerfile_instructions()
+                   if keyword == "ENTRYPOINT"]
+    assert entrypoints == [["outbox"]] * 4, "one per role target"
+    processes = [*_compose_processes(), *_k8s_processes(), *_k8s_processes("dev"),
+                 *_dockerfile_processes()]
     parsed = {p.where: _parse(p) for p in processes}
     compose = {_kind(parsed[p.where]) for p in _compose_processes()}
     k8s = {_kind(parsed[p.where]) for p in _k8s_processes()}
@@ -256,13 +360,24 @@ def test_the_image_runs_outbox_and_every_command_the_files_use_exists():
             assert args.create == [AGGREGATE], f"{where}: topics --create {AGGREGATE} expected"
 
 
+def test_every_process_runs_in_its_roles_image():
+    for process in _compose_processes():
+        target = TARGETS[_kind(_parse(process))]
+        assert process.spec["build"]["target"] == target, process.where
+        assert _image_target(process.spec["image"]) == target, process.where
+    for overlay in OVERLAYS:
+        for process in _k8s_processes(overlay):
+            assert _image_target(process.spec["image"]) == TARGETS[_kind(_parse(process))], \
+                f"{overlay}: {process.where}"
+
+
 def _served(processes: Iterator[Process]) -> Iterator[tuple[Process, int]]:
     """The long-running processes, with the port they serve on (checked to be reachable
     from outside their container)."""
     for process in processes:
         args = _parse(process)
         if _kind(args) in PROCESSES:
-            host, port = _listens(args)
+            host, port = _listens(process)
             assert host == "0.0.0.0", f"{process.where}: unreachable from outside its container"
             yield process, port
 
@@ -272,9 +387,10 @@ def test_every_probe_looks_where_its_process_listens():
         url = urlsplit(process.spec["healthcheck"]["test"][-1])
         assert (url.port, url.path) == (port, "/readyz"), process.where
 
-    for process, port in _served(_k8s_processes()):
+    for process, port in _served(p for o in OVERLAYS for p in _k8s_processes(o)):
         ports = {p["name"]: p["containerPort"] for p in process.spec["ports"]}
-        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
+                            ("readinessProbe", "/readyz")):
             get = process.spec[probe]["httpGet"]
             assert (get["path"], ports.get(get["port"], get["port"])) == (path, port), \
                 f"{process.where} {probe}"
@@ -309,10 +425,11 @@ def _variables_set() -> dict[str, str]:
         env = service.get("environment") or {}
         keys = env if isinstance(env, dict) else [e.split("=", 1)[0] for e in env]
         found.update((k, f"compose service {name}") for k in keys)
-    for doc in _k8s_docs():
+    for doc in (d for overlay in OVERLAYS for d in _k8s_docs(overlay)):
         where = f"{doc['kind']} {doc['metadata']['name']}"
         if doc["kind"] == "ConfigMap":
             found.update((k, where) for k in doc["data"])
+            assert "OUTBOX_DATABASE_URL" not in doc["data"], f"{where}: a secret in a ConfigMap"
         elif doc["kind"] == "Secret":
             found.update((k, where) for k in doc.get("stringData", {}) | doc.get("data", {}))
         elif doc["kind"] in ("Deployment", "Job"):
@@ -335,13 +452,12 @@ def test_every_outbox_variable_the_files_set_is_a_setting():
 
 # --- what the deployments promise ----------------------------------------------------------
 
-def test_every_deployment_has_probes_resources_and_a_disruption_budget():
-    docs = _k8s_docs()
-    budgets = [d["spec"]["selector"]["matchLabels"] for d in docs
-               if d["kind"] == "PodDisruptionBudget"]
-    for doc in _k8s_workloads():
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_has_resources_and_every_service_selects_pods(overlay):
+    docs = _k8s_docs(overlay)
+    for doc in _k8s_workloads(overlay):
         pod = doc["spec"]["template"]
-        for container in pod["spec"]["containers"]:
+        for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
             for bound in ("requests", "limits"):
                 assert set(container["resources"][bound]) == {"cpu", "memory"}, \
                     f"{doc['metadata']['name']}: {bound}"
@@ -349,38 +465,131 @@ def test_every_deployment_has_probes_resources_and_a_disruption_budget():
             labels = pod["metadata"]["labels"]
             assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items(), \
                 f"{doc['metadata']['name']}: the selector does not select its own pods"
-            assert [b for b in budgets if b.items() <= labels.items()], \
-                f"{doc['metadata']['name']} has no PodDisruptionBudget"
     pods = [d["spec"]["template"]["metadata"]["labels"] for d in docs
             if d["kind"] == "Deployment"]
     for service in (d for d in docs if d["kind"] == "Service"):
         selector = service["spec"]["selector"]
         assert [p for p in pods if selector.items() <= p.items()], \
             f"Service {service['metadata']['name']} selects no pods"
-    relays = [d for d in docs if d["kind"] == "Deployment"
+
+
+def test_production_runs_a_leader_and_a_standby_relay():
+    relays = [d for d in _k8s_docs() if d["kind"] == "Deployment"
               and _kind(_parse(next(_k8s_processes_of(d)))) == ("relay", None)]
     assert [d["spec"]["replicas"] for d in relays] == [2], "one leader and one standby"
     compose_relays = [p for p in _compose_processes() if _parse(p).command == "relay"]
     assert len(compose_relays) == 2, "compose: one leader and one standby"
 
 
-def test_the_workers_autoscale_on_their_lag_up_to_the_partition_count():
+def _scaled_workers(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """The autoscalers of kind `kind` by the projector of the Deployment each one scales,
+    checked to own the replica count of a `project` Deployment."""
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    scaled = {}
+    for scaler in (d for d in docs if d["kind"] == kind):
+        target = deployments[scaler["spec"]["scaleTargetRef"]["name"]]
+        assert "replicas" not in target["spec"], "the autoscaler owns the replica count"
+        command, projector = _kind(_parse(next(_k8s_processes_of(target))))
+        assert command == "project"
+        scaled[projector] = scaler
+    assert set(scaled) == {"ocr", "embed"}, f"{kind}: scales {set(scaled)}"
+    return scaled
+
+
+def test_production_scales_the_workers_with_kedas_kafka_scaler_up_to_the_partitions():
     docs = _k8s_docs()
     config = _configmap()
     partitions = int(config.get("OUTBOX_TOPIC_PARTITIONS", _default("topic_partitions")))
     prefix = config.get("OUTBOX_TOPIC_PREFIX", _default("topic_prefix"))
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    scaled = set()
-    for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
-        target = deployments[hpa["spec"]["scaleTargetRef"]["name"]]
-        assert "replicas" not in target["spec"], "the HPA owns the replica count"
-        command, projector = _kind(_parse(next(_k8s_processes_of(target))))
-        assert command == "project"
-        scaled.add(projector)
-        assert hpa["spec"]["maxReplicas"] == partitions, hpa["metadata"]["name"]
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"], "KEDA owns them"
+    for projector, scaled in _scaled_workers(docs, "ScaledObject").items():
+        assert scaled["spec"]["maxReplicaCount"] == partitions, projector
+        [trigger] = scaled["spec"]["triggers"]
+        assert trigger["type"] == "kafka"
+        assert trigger["metadata"] | {
+            "consumerGroup": f"{prefix}.{projector}", "topic": topic_name(prefix, AGGREGATE),
+            "bootstrapServers": config["OUTBOX_KAFKA_BOOTSTRAP"],
+        } == trigger["metadata"], projector
+
+
+def test_the_fallback_hpas_scale_the_workers_on_their_lag_up_to_the_partitions(tmp_path):
+    docs = render_variant(tmp_path, ["hpa"])
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    partitions = int(config.get("OUTBOX_TOPIC_PARTITIONS", _default("topic_partitions")))
+    prefix = config.get("OUTBOX_TOPIC_PREFIX", _default("topic_prefix"))
+    for projector, hpa in _scaled_workers(docs, "HorizontalPodAutoscaler").items():
+        assert hpa["spec"]["maxReplicas"] == partitions, projector
         [metric] = hpa["spec"]["metrics"]
         assert metric["type"] == "External"
         labels = metric["external"]["metric"]["selector"]["matchLabels"]
         assert labels == {"consumergroup": f"{prefix}.{projector}",
                           "topic": topic_name(prefix, AGGREGATE)}
-    assert scaled == {"ocr", "embed"}
+
+
+# --- Compose: a first start that works ----------------------------------------------------
+
+def test_postgres_is_healthy_only_once_it_listens_on_tcp():
+    # The image's temporary initialisation server listens on the Unix socket only.
+    test = _compose()["services"]["postgres"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"]
+    host = test[test.index("--host") + 1]
+    assert host == "127.0.0.1", f"pg_isready must check over TCP, not {host}"
+
+
+def test_every_one_shot_job_is_retried_until_it_succeeds():
+    services = _compose()["services"]
+    awaited = {name for service in services.values()
+               for name, dep in service.get("depends_on", {}).items()
+               if dep["condition"] == "service_completed_successfully"}
+    assert {"migrate", "grants", "topics", "roles", "bucket"} <= awaited
+    for name in awaited:
+        assert services[name]["restart"] == "on-failure", name
+
+
+def test_every_process_waits_for_the_servers_it_uses():
+    services = _compose()["services"]
+    needs = {"api": {"postgres", "kafka", "minio", "elasticsearch", "redis"},
+             "project-search": {"elasticsearch", "redis"}, "project-cache": {"redis"},
+             "project-ocr": {"minio"}}
+
+    def reached(name: str) -> set[str]:
+        deps = set(services[name].get("depends_on", {}))
+        return deps.union(*(reached(d) for d in deps))
+
+    for name, servers in needs.items():
+        assert servers <= reached(name), f"{name} starts before {servers - reached(name)}"
+        for server in servers & set(services[name]["depends_on"]):
+            assert services[name]["depends_on"][server]["condition"] == "service_healthy"
+
+
+def test_elasticsearch_runs_at_the_version_of_the_client():
+    # Elastic promises a client compatibility with servers of its version and newer only.
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split()
+                if "==" in line)
+    image = _compose()["services"]["elasticsearch"]["image"]
+    server = tuple(int(n) for n in image.rsplit(":", 1)[1].split(".")[:2])
+    client = tuple(int(n) for n in pins["elasticsearch"].split(".")[:2])
+    assert server >= client, f"Elasticsearch {image} is older than the client {client}"
+
+
+def test_no_password_is_put_into_a_url():
+    # `${VAR}` in a URL would break on `@`, `/` or `%`: libpq reads PGPASSWORD instead.
+    for name, service in _compose()["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if isinstance(value, str) and "://" in value:
+                assert urlsplit(value).password is None, f"{name}: {key} holds a password"
+        if "OUTBOX_DATABASE_URL" in (service.get("environment") or {}):
+            assert "PGPASSWORD" in service["environment"], name
+
+
+def test_presigned_urls_name_an_endpoint_the_host_reaches():
+    services = _compose()["services"]
+    env = services["api"]["environment"]
+    default = re.fullmatch(r"\$\{OUTBOX_S3_PUBLIC_ENDPOINT:-(.+)\}",
+                           env["OUTBOX_S3_PUBLIC_ENDPOINT"])
+    assert default, "the public endpoint can be overridden from the environment"
+    public, internal = urlsplit(default[1]), urlsplit(env["OUTBOX_S3_ENDPOINT"])
+    assert internal.hostname in services, "the processes reach the store by service name"
+    # "host address:host port:container port" of the store's published ports.
+    published = [port.split(":") for port in services[internal.hostname]["ports"]]
+    assert [public.hostname, str(public.port), str(internal.port)] in published, published

@@ -21,12 +21,12 @@ from outbox.kafka import TopicManager
 from outbox.pg_names import OUTBOX_TABLE, publication_name, slot_name
 from outbox.wire_formats import event_topic
 from outbox_app.doctor_checks import redis_findings, s3_findings, search_findings
-from projectors.views.search_index import aliased_indices, ensure_index
+from outbox_app.views.search_index import aliased_indices, ensure_index
 from tests.own_postgres import OwnPostgres
 from tests.own_redis import OwnRedis
 from tests.relay_harness import ROOT, drop_slot_and_publication, free_port, settings_env, superuser
 
-# The warnings the local stack is expected to give (README, "`outbox doctor`").
+# The warnings the local stack is expected to give (docs/operating/doctor.md).
 LOCAL_STACK_WARNINGS = {"postgres.max_slot_wal_keep_size", "search.version"}
 OPTIONS = DoctorOptions(timeout_s=3.0)
 

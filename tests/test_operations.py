@@ -68,7 +68,7 @@ def test_a_failed_image_is_retried_and_its_trace_shows_every_step(cfg, pipeline,
     assert len(fixed) <= len(corrupt)
     s3_client(cfg).put_object(Bucket=cfg.s3_bucket, Key=object_key("org-a", image_id),
                               Body=fixed.ljust(len(corrupt), b"\0"), ContentType="image/png")
-    done = cli(cfg, "retry", "--state", "ocr_failed")
+    done = cli(cfg, "retry", "--state", "ocr_failed", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["retried"] == [image_id]
     wait_for(lambda: api.get(f"/v1/images/{image_id}", headers=AUTH_A).json()["searchable"],
@@ -114,13 +114,13 @@ def test_dead_letters_are_listed_with_reasons_and_replayed_once(cfg, pipeline, a
     listed = wait_for(letters, what="the poison message dead-lettered")
     assert listed[0]["reason"].startswith("undecodable")
     assert listed[0]["source_topic"] == topic and listed[0]["replayable"] is True
-    first = cli(cfg, "dlq", "replay", dead)
+    first = cli(cfg, "dlq", "replay", dead, "--json")
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["replayed"] == 1
     # The cause is not fixed here: the copy fails again and is a new dead letter. The next
     # replay sends only that one, never the first again.
     wait_for(lambda: len(letters()) == 2, what="the replayed copy dead-lettered again")
-    second = cli(cfg, "dlq", "replay", dead)
+    second = cli(cfg, "dlq", "replay", dead, "--json")
     assert json.loads(second.stdout)["replayed"] == 1
     source = KafkaConsumer(topic, bootstrap_servers=cfg.kafka_bootstrap,
                            auto_offset_reset="earliest", consumer_timeout_ms=5000)

@@ -22,10 +22,10 @@ from outbox.envelope import EventEnvelope
 from outbox.kafka import dlq_topic, topic_name
 from outbox_app.api.app import create_app
 from outbox_app.sample_images import text_image
+from outbox_app.store_errors import is_outage
+from outbox_app.workers.ocr import OcrWorker
 from outbox_images.storage import s3_client
 from projectors.registry import build_runtime
-from projectors.store_errors import is_outage
-from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import latest_event
 from tests.images import upload

@@ -39,8 +39,8 @@ from outbox.readiness import (
     readiness_report,
 )
 from outbox_app.api.app import create_app
+from outbox_app.views.task_cache import TaskCache, TaskCacheProjector
 from projectors.runtime import ConsumerRuntime
-from projectors.views.task_cache import TaskCache, TaskCacheProjector
 from relays.runner import STALL_S, RelayProcess
 from tests.auth import AUTH_A
 from tests.db_roles import APP_URL, as_app, role_url

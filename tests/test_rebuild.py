@@ -22,10 +22,10 @@ from sqlalchemy import text
 from outbox.db import make_engine
 from outbox_app.api.app import create_app
 from outbox_app.audit import Auditor
+from outbox_app.view_rebuilds import SearchRebuild
+from outbox_app.views.search_index import aliased_indices
 from outbox_images.storage import s3_client
 from outbox_images.store import load_image, resync
-from projectors.rebuild import SearchRebuild
-from projectors.views.search_index import aliased_indices
 from tests.auth import AUTH_A
 from tests.images import is_searchable, submit_receipt
 from tests.pipeline_harness import (
@@ -54,8 +54,13 @@ def api(cfg):
 def _rebuild(cfg, *args: str) -> subprocess.Popen:
     env = {**os.environ, **settings_env(cfg),
            "OUTBOX_PROJECTOR_SESSION_TIMEOUT_MS": "6000", "OUTBOX_PROJECTOR_BATCH_SIZE": "50"}
-    return subprocess.Popen([sys.executable, "-m", "outbox.cli", "rebuild", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "outbox.cli", "rebuild", *args, "--json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _summary(out: str) -> dict:
+    """The summary --json prints last (after the progress bar's output, if any)."""
+    return json.loads(out[out.rindex("\n{") + 1:] if "\n{" in out else out)
 
 
 def test_search_is_rebuilt_behind_the_alias_while_images_arrive(cfg, pipeline, api):
@@ -92,7 +97,7 @@ def test_search_is_rebuilt_behind_the_alias_while_images_arrive(cfg, pipeline, a
         for t in threads:
             t.join(30)
     assert proc.returncode == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = _summary(out)
     assert aliased_indices(es, cfg.es_index) == [summary["copy"]]
     assert summary["removed"] == old and not es.indices.exists(index=old[0])
     assert searches[0] > 10 and failures == []
@@ -136,7 +141,7 @@ def test_a_rebuild_killed_halfway_completes_when_run_again(cfg, pipeline, api):
     again = _rebuild(cfg, "search")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = _summary(out)
     assert summary["copy"] == building  # resumed, not started over
     assert aliased_indices(es, cfg.es_index) == [building]
     assert is_searchable(api, image)

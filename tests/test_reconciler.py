@@ -16,10 +16,10 @@ from outbox.tables import outbox_table
 from outbox_app.audit import Auditor, Repairer
 from outbox_app.reconciler import Reconciler
 from outbox_app.sample_images import text_image
+from outbox_app.views.search_index import ensure_index
+from outbox_app.workers.ocr import OcrWorker
 from outbox_images.storage import s3_client
 from outbox_images.store import transition
-from projectors.views.search_index import ensure_index
-from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A
 from tests.events import events_of
 from tests.images import png_bytes, upload

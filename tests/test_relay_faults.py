@@ -383,7 +383,7 @@ def _metric(relay, name: str) -> float:
 def _cli(settings, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **settings_env(settings)}
     return subprocess.run([sys.executable, "-m", "outbox.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
 
 
 def test_relay_status_shows_the_slot_and_the_leader(relay_settings, engine, relays):
@@ -403,15 +403,21 @@ def test_relay_status_shows_the_slot_and_the_leader(relay_settings, engine, rela
 def test_relay_drop_retires_the_slot_without_loss_or_repeats(relay_settings, engine, relays):
     relay = relays("logical")
     _streaming(relay)
-    busy = _cli(relay_settings, "relay", "drop")
+    busy = _cli(relay_settings, "relay", "drop", "--yes")
     assert busy.returncode == 1 and "stop it first" in busy.stderr
     first = _emit(engine, 3, "first")
     read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), first)
     relay.terminate()
     pending = _emit(engine, 4, "pending")  # only in the slot now
-    done = _cli(relay_settings, "relay", "drop")
+    # No terminal to confirm on and no --yes: nothing is touched.
+    refused = _cli(relay_settings, "relay", "drop")
+    assert refused.returncode == 2 and "pass --yes" in refused.stderr, refused.stderr
+    with psycopg.connect(libpq_dsn(relay_settings)) as conn:
+        assert conn.execute("select count(*) from pg_replication_slots where slot_name = %s",
+                            (slot_name(relay_settings.db_schema),)).fetchone()[0] == 1
+    done = _cli(relay_settings, "relay", "drop", "--yes", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["published_before_drop"] == 4
+    assert json.loads(done.stdout)["published_before_drop"] == 4  # the refusal drained none
     with psycopg.connect(libpq_dsn(relay_settings)) as conn:
         assert conn.execute("select count(*) from pg_replication_slots where slot_name = %s",
                             (slot_name(relay_settings.db_schema),)).fetchone()[0] == 0

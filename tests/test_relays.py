@@ -75,8 +75,9 @@ def test_sigkill_during_load_loses_nothing(mode, relay_settings, engine, relays)
     expect = load.committed | after.committed
     got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), expect)
     assert set(got.ids) == expect, f"lost {len(expect - set(got.ids))}"
-    # A killed producer may leave a partial batch (see README, broker caveats); the relay
-    # re-sends from its last acknowledged position. Once it runs undisturbed, order is exact.
+    # A killed producer may leave a partial batch (broker caveats, docs/operating/relays.md);
+    # the relay re-sends from its last acknowledged position. Once it runs undisturbed, order
+    # is exact.
     for agg, versions in got.versions.items():
         fresh = [v for v in versions if v > before_max[agg]]
         assert fresh == list(range(before_max[agg] + 1, before_max[agg] + 1 + len(fresh)))

@@ -33,12 +33,12 @@ from outbox.tables import outbox_table
 from outbox_app.api.app import create_app
 from outbox_app.sample_images import text_image
 from outbox_app.settings import AppSettings
+from outbox_app.views.search import SearchProjector
+from outbox_app.workers.embed import EmbeddingWorker
+from outbox_app.workers.embedder import get_embedder
+from outbox_app.workers.ocr import OcrWorker
 from outbox_images.storage import object_key, s3_client
 from outbox_images.tables import image_event_table, image_table
-from projectors.views.search import SearchProjector
-from projectors.workers.embed import EmbeddingWorker
-from projectors.workers.embedder import get_embedder
-from projectors.workers.ocr import OcrWorker
 from tests.auth import AUTH_A, AUTH_B
 from tests.events import events_of, latest_event
 from tests.images import png_bytes, upload

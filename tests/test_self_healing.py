@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from outbox_app.api.app import create_app
 from outbox_app.sample_images import text_image
-from projectors.views.search_index import aliased_indices
-from projectors.views.task_cache import TaskCache
+from outbox_app.views.search_index import aliased_indices
+from outbox_app.views.task_cache import TaskCache
 from tests.auth import AUTH_A
 from tests.db_roles import APP_URL, as_app, role_url
 from tests.images import upload

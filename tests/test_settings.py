@@ -61,9 +61,16 @@ def test_an_invalid_value_names_its_variable_and_hides_a_secret(
     assert message.startswith("invalid setting OUTBOX_TOPIC_PARTITIONS = 'three': ")
 
 
+# Addresses a process listens on, not servers it reaches: the loopback is the safe default.
+LISTEN_ADDRESSES = {"metrics_host"}
+
+
 def test_no_address_or_credential_defaults_to_the_local_stack() -> None:
     for name, s in settings_of(installed_classes()).items():
         default = default_of(s)
+        if name in LISTEN_ADDRESSES:
+            assert default == "127.0.0.1", name
+            continue
         assert "127.0.0.1" not in str(default) and "localhost" not in str(default), name
         if s.secret:
             assert default in (PydanticUndefined, None, "") or not str(default), name
@@ -268,8 +275,8 @@ def test_the_kafka_section_of_the_file_and_a_password_file_configure_kafka(
 
 
 def test_the_workers_need_no_view_store_and_the_views_do(clean_env: pytest.MonkeyPatch) -> None:
-    from projectors.builtin_specs import BUILTIN
-    from projectors.settings import ProjectorSettings, WorkerSettings
+    from outbox_app.projector_specs import BUILTIN
+    from outbox_app.settings import ProjectorSettings, WorkerSettings
 
     for name, value in REQUIRED.items():
         clean_env.setenv(name, value)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import threading
 
+from outbox_app.view_healing import ViewHealer
 from projectors.rebuild_lock import RebuildBusy, rebuild_lock_name
 from projectors.settings import RuntimeSettings
-from projectors.view_healing import ViewHealer
 from tests.pipeline_harness import metric, wait_for
 
 

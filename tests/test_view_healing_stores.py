@@ -16,9 +16,9 @@ from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 
 from outbox_app.api.app import create_app
-from projectors.view_healing import ViewHealer, builtin_views
-from projectors.views.search_index import aliased_indices
-from projectors.views.task_cache import TaskCache
+from outbox_app.view_healing import ViewHealer, builtin_views
+from outbox_app.views.search_index import aliased_indices
+from outbox_app.views.task_cache import TaskCache
 from tests.auth import AUTH_A
 from tests.images import is_searchable, submit_receipt
 from tests.pipeline_harness import isolated_settings, metric, wait_for

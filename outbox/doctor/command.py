@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from pydantic import ValidationError
 
-from outbox.doctor.findings import Checks, DoctorOptions, Finding, failed, report
+from outbox.doctor.findings import Checks, DoctorOptions, Finding, failed, report, skipped
 from outbox.doctor.kafka import kafka_checks
 from outbox.doctor.postgres import postgres_checks
+from outbox.extras import ExtraMissing
 
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
+
+
+def _loaded_when_run(ep: EntryPoint) -> Checks:
+    """A group's checks, imported when they run: a package installed without the extra its
+    checks need is then one skipped finding, not a failed command."""
+    def checks(options: DoctorOptions) -> list[Finding]:
+        return ep.load()(options)
+    return checks
 
 
 def registered_checks() -> list[tuple[str, Checks]]:
@@ -22,7 +31,7 @@ def registered_checks() -> list[tuple[str, Checks]]:
     name."""
     found = sorted(entry_points(group="outbox.doctor"), key=lambda ep: ep.name)
     return [("postgres", postgres_checks), ("kafka", kafka_checks),
-            *((ep.name, ep.load()) for ep in found)]
+            *((ep.name, _loaded_when_run(ep)) for ep in found)]
 
 
 def _setting_errors(exc: ValidationError) -> str:
@@ -39,6 +48,8 @@ def run_checks(options: DoctorOptions,
     for name, checks in registered_checks() if groups is None else groups:
         try:
             findings += checks(options)
+        except ExtraMissing as exc:
+            findings.append(skipped(f"{name}.checks", str(exc)))
         except ValidationError as exc:
             findings.append(failed(f"{name}.settings", _setting_errors(exc),
                                    "set the variables named (see `outbox config`)"))

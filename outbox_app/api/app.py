@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
 from elasticsearch import Elasticsearch
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from outbox.db import make_engine
 from outbox.readiness import CachedProbes, PublishedReadiness, readiness_report
@@ -18,25 +17,23 @@ from outbox_app.api.auth import ApiKeys
 from outbox_app.api.body_limit import BodySizeLimit
 from outbox_app.api.errors import install_error_handlers
 from outbox_app.api.images import ApiContext, image_router
+from outbox_app.api.request_metrics import measure_requests
 from outbox_app.api.request_spans import RequestSpans
 from outbox_app.api.search import search_router
 from outbox_app.api.status_page import status_router
 from outbox_app.settings import AppSettings, get_app_settings
+from outbox_app.sink_probes import store_probes
 from outbox_app.trace import ImageTrace
+from outbox_app.views.search_reader import SearchReader
+from outbox_app.views.task_cache import TaskCache
+from outbox_app.workers.embedder import get_embedder
 from outbox_images.storage import presigning_client, s3_client
-from projectors.sink_probes import store_probes
-from projectors.views.search_reader import SearchReader
-from projectors.views.task_cache import TaskCache
-from projectors.workers.embedder import get_embedder
 
 # Redis is only the task cache here: a read that cannot connect or answer gives up quickly so
 # the image read degrades instead of hanging (redis-py waits forever by default).
 REDIS_TIMEOUT_S = 2.0
 # What the API serves without: search answers 503 and image reads leave out the task states.
 OPTIONAL_STORES = ("search", "redis")
-
-REQUESTS = Counter("outbox_http_requests_total", "HTTP requests", ["method", "route", "status"])
-LATENCY = Histogram("outbox_http_request_seconds", "HTTP request latency", ["method", "route"])
 
 
 def create_app(settings: AppSettings | None = None) -> FastAPI:
@@ -81,17 +78,7 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.state.ctx = ctx
-
-    @app.middleware("http")
-    async def _measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-        LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
-        return response
+    measure_requests(app)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> JSONResponse:

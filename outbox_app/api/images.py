@@ -24,12 +24,12 @@ from outbox_app.settings import AppSettings
 from outbox_app.trace import ImageTrace
 from outbox_app.upload_verification import ALLOWED_CONTENT_TYPES, UploadMissing
 from outbox_app.uploads import presigned_post, settle_upload
+from outbox_app.views.search_reader import SearchReader
+from outbox_app.views.task_cache import TaskCache
 from outbox_images.policy import ImageState
 from outbox_images.storage import object_key
 from outbox_images.store import StaleVersion, create_image, delete, load_image, transition
 from outbox_images.tables import image_table
-from projectors.views.search_reader import SearchReader
-from projectors.views.task_cache import TaskCache
 
 MAX_URL_TTL_S = 15 * 60
 

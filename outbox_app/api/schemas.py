@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from projectors.views.search_reader import SearchHit
+from outbox_app.views.search_reader import SearchHit
 
 # C0/C1 control characters (and DEL); text fields refuse them, `description` allows \n and \t.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

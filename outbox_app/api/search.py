@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from outbox_app.api.errors import ApiError
 from outbox_app.api.images import ApiContext
 from outbox_app.api.schemas import SearchPage
-from projectors.views.search_reader import SearchMode, SearchUnavailable
+from outbox_app.views.search_reader import SearchMode, SearchUnavailable
 
 
 def search_router(ctx: ApiContext) -> APIRouter:

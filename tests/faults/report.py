@@ -86,8 +86,8 @@ def write_report(outcomes: list[Outcome]) -> None:
         "transaction told by its `outbox_kafka_txn` header and the relay's chain of "
         "position records), where nothing may be duplicated or lost; `leaked aborted` are "
         "the records of aborted transactions that the local broker let through to "
-        "read_committed readers anyway (its caveat, README), and the distinct events "
-        "among them.", "",
+        "read_committed readers anyway (its caveat, in the relays' documentation), and "
+        "the distinct events among them.", "",
         "| # | scenario | delivery | fault | committed | in Kafka | duplicates "
         "| leaked aborted | dead letters | docs | failed images | recover (s) | held |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -1,6 +1,6 @@
-"""The local broker's transaction and idempotence caveats (Tansu 0.6.0, README "Broker
-caveats"), reproduced with plain confluent-kafka and kafka-python clients and no project code
-in the produce or consume path, so the README's numbers are measured ones.
+"""The local broker's transaction and idempotence caveats (Tansu 0.6.0; the broker caveats of
+docs/operating/relays.md), reproduced with plain confluent-kafka and kafka-python clients and
+no project code in the produce or consume path, so the documentation's numbers are measured ones.
 
 These rows document the broker: an aborted record read back, or an acknowledged message of an
 idempotent (or transactional) producer lost across a restart, is the documented caveat and the

@@ -193,7 +193,7 @@ def test_lost_views_heal_themselves(record, fault):
     from elasticsearch import Elasticsearch
 
     from outbox_app.reconciler_checks import round_checks
-    from projectors.views.search_index import aliased_indices
+    from outbox_app.views.search_index import aliased_indices
     from tests.pipeline_harness import metric
 
     with pipeline_run("fheal") as run:
