@@ -8,13 +8,12 @@ ImportError from deep inside a client.
 
 from __future__ import annotations
 
-import re
 from importlib.metadata import PackageNotFoundError, distribution
 
-DISTRIBUTION = "outbox-sidecar"
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
-_EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
+DISTRIBUTION = "outbox-sidecar"
 
 
 class ExtraMissing(RuntimeError):
@@ -26,10 +25,6 @@ class ExtraMissing(RuntimeError):
         self.missing = missing
         super().__init__(f"{what} needs the {extra!r} extra ({', '.join(missing)} not "
                          f"installed): pip install '{dist}[{extra}]'")
-
-
-def _normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def version(dist: str = DISTRIBUTION) -> str:
@@ -58,21 +53,19 @@ def missing_requirements(extra: str, dist: str = DISTRIBUTION) -> list[str]:
     except PackageNotFoundError:
         return []
     missing: list[str] = []
-    for requirement in requires:
-        requirement_spec, _, marker = requirement.partition(";")
-        if extra not in _EXTRA_MARKER.findall(marker):
+    for line in requires:
+        requirement = Requirement(line)
+        marker = requirement.marker
+        # The extra's own: true for it, false without it (a core requirement is either).
+        if marker is None or not marker.evaluate({"extra": extra}) \
+                or marker.evaluate({"extra": ""}):
             continue
-        match = _NAME.match(requirement_spec)
-        if match is None:
-            continue
-        name, extras = match.group(1), match.group(2)
-        if _normalized(name) == _normalized(dist):  # `dist[a,b]`: its own extras a and b
-            for inner in (extras or "").split(","):
-                if inner.strip() and inner.strip() != extra:
-                    missing += [m for m in missing_requirements(inner.strip(), dist)
-                                if m not in missing]
-        elif not _installed(name) and name not in missing:
-            missing.append(name)
+        if canonicalize_name(requirement.name) == canonicalize_name(dist):
+            # `dist[a,b]`: its own extras a and b
+            for inner in sorted(requirement.extras - {extra}):
+                missing += [m for m in missing_requirements(inner, dist) if m not in missing]
+        elif not _installed(requirement.name) and requirement.name not in missing:
+            missing.append(requirement.name)
     return missing
 
 
