@@ -11,7 +11,7 @@ rebuildable built-in view whether it is still there:
   keys of newer events again.
 
 A missing view counts as lost only once its live projector has committed a position: before
-that it was never built (the search projector makes its alias when it first starts; the
+that it was never built (the search projector makes its alias at its first batch; the
 healer writes the marker of a cache that never held anything). A lost view is rebuilt from
 the log behind its live name by the same procedure as `outbox rebuild <view>`
 (`projectors.rebuild`), on a thread of its own, so the reconciler's rounds go on meanwhile.

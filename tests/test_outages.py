@@ -1,7 +1,7 @@
 """Outages and crafted input never become drift: a bucket outage costs no OCR attempt, a
 replaced object is never read, the declared size is enforced, read endpoints degrade to
-503, a dead letter too large for its topic does not stop a projector, and a Redis out of
-memory is waited out."""
+503, a dead letter too large for its topic does not stop a projector, a Redis out of
+memory is waited out, and a search projector started while its server is down waits for it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import redis
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from elasticsearch import Elasticsearch
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 from pydantic import SecretStr
@@ -30,8 +32,9 @@ from tests.auth import AUTH_A
 from tests.events import latest_event
 from tests.images import upload
 from tests.own_redis import OwnRedis
-from tests.pipeline_harness import metric, wait_for
+from tests.pipeline_harness import isolated_settings, metric, wait_for
 from tests.relay_harness import free_port
+from tests.tls_proxy import TcpProxy
 
 
 def _image_waiting_for_ocr(api, body: bytes, replace_with: bytes | None = None) -> str:
@@ -210,3 +213,42 @@ def test_a_redis_out_of_memory_is_waited_out_not_dead_lettered(api_settings):
         runtime.stop.set()
         thread.join(30)
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_search_projector_started_while_the_search_server_is_down_waits_for_it():
+    with isolated_settings("sdown") as real:
+        server = TcpProxy()  # nothing listens on its port until it is started
+        settings = real.model_copy(update={"es_url": f"http://127.0.0.1:{server.port}"})
+        topic = topic_name(settings.topic_prefix, "image")
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        for done in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+            done.result(30)
+        # Set up with the search server down: nothing is reached before the first batch.
+        runtime = build_runtime(settings, "search", group_id=f"sdown-{uuid.uuid4().hex[:6]}")
+        thread = threading.Thread(target=runtime.run, daemon=True)
+        thread.start()
+        dead = metric("outbox_projector_dead_letters_total", projector="search")
+        image_id = str(uuid.uuid4())
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        producer.produce(topic, key=image_id.encode(), value=EventEnvelope(
+            id=uuid.uuid4(), type="image.metadata_set", aggregate_type="image",
+            aggregate_id=image_id, aggregate_version=2, occurred_at=datetime.now(UTC),
+            payload={"id": image_id, "org_id": "org-a", "state": "ocr_pending",
+                     "version": 2, "filename": "a.png"}).to_json())
+        assert producer.flush(30) == 0
+        es = Elasticsearch(real.es_url)
+        try:
+            wait_for(lambda: runtime.health()["status"] == "sink_unavailable", timeout_s=60,
+                     what="the outage noticed")
+            assert runtime.readiness()["ready"] is False
+            server.start(upstream_port=int(real.es_url.rsplit(":", 1)[1]))
+            wait_for(lambda: es.exists(index=real.es_index, id=image_id), timeout_s=60,
+                     what="indexed once the search server is up")
+            assert es.get(index=real.es_index, id=image_id)["_version"] == 2
+            assert metric("outbox_projector_dead_letters_total", projector="search") == dead
+        finally:
+            runtime.stop.set()
+            thread.join(30)
+            server.stop()
+            es.close()

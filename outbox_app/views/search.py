@@ -39,13 +39,16 @@ class SearchProjector:
 
     def __init__(self, settings: ProjectorSettings, es: Elasticsearch, tasks: TaskCache | None,
                  index: str | None = None) -> None:
-        """Writes to the alias `es_index` (made when absent), or, for a rebuild, to the
-        concrete `index` (then the task cache, which describes the live view, is left
-        alone)."""
+        """Writes to the alias `es_index` (made when absent, at the first batch), or, for a
+        rebuild, to the concrete `index` (then the task cache, which describes the live
+        view, is left alone)."""
         self._es = es
         self._tasks = tasks
+        self._settings = settings
         self._rebuilding = index is not None
-        self._index = index or ensure_index(es, settings)
+        # Resolved at the first batch, not here: a projector started while the search
+        # server is down reports not ready and waits, instead of failing at set-up.
+        self._index = index
 
     def apply(self, events: list[EventEnvelope]) -> None:
         """Index (or delete) the latest state of each image in the batch."""
@@ -56,6 +59,8 @@ class SearchProjector:
             cur = latest.get(e.aggregate_id)
             if cur is None or (cur.aggregate_version or 0) < e.aggregate_version:
                 latest[e.aggregate_id] = e
+        if self._index is None:  # before any position is committed (see view_healing.py)
+            self._index = ensure_index(self._es, self._settings)
         if not latest:
             return
         if self._rebuilding and not self._es.indices.exists(index=self._index):

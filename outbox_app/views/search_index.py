@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from elasticsearch import Elasticsearch
+from elasticsearch import BadRequestError, Elasticsearch
 
 from outbox_app.settings import ProjectorSettings
 
@@ -43,7 +43,12 @@ def ensure_index(es: Elasticsearch, settings: ProjectorSettings) -> str:
         return alias
     concrete = f"{alias}-v1"
     if not es.indices.exists(index=concrete):
-        create_index(es, concrete, complete=True)
+        try:
+            create_index(es, concrete, complete=True)
+        except BadRequestError as exc:
+            # Another search projector made it between the check and the create.
+            if exc.error != "resource_already_exists_exception":
+                raise
     es.indices.put_alias(index=concrete, name=alias)
     return alias
 
