@@ -159,7 +159,7 @@ class SlotKeeper:
         if state.confirmed_flush is not None and state.confirmed_flush > record.acked_lsn:
             return "foreign: confirmed past what this relay acknowledged"
         if record.publication_fingerprint != fingerprint:
-            return "the publication changed since the slot was made"
+            return "publication_changed: the publication changed since the slot was made"
         return None
 
     def recreate(self, reason: str, fingerprint: str, publisher: BatchPublisher,

@@ -99,6 +99,8 @@ def test_a_table_that_leaves_the_publication_loses_nothing(relay_settings, engin
     assert gap <= set(got.ids), f"lost {len(gap - set(got.ids))} of the gap's rows"
     assert after <= set(got.ids)
     assert b"publication_changed" in relay.log_path.read_bytes()
+    assert 'outbox_relay_slot_recreations_total{reason="publication_changed"} 1.0' in \
+        relay.metrics()
     wait_for(lambda: relay.health()["status"] == "ok", timeout_s=30, what="healthy again")
 
 
@@ -114,6 +116,8 @@ def test_a_dropped_publication_waits_for_the_owner_and_its_gap_is_published(
     got = read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings), gap, timeout_s=60)
     assert set(got.ids) == gap
     assert b"slot_recreating" in relay.log_path.read_bytes()
+    assert 'outbox_relay_slot_recreations_total{reason="publication_changed"} 1.0' in \
+        relay.metrics()
     # And the stream flows again afterwards.
     later = _emit(engine, 2, "later")
     assert later <= set(read_topic(relay_settings.kafka_bootstrap, _topic(relay_settings),
