@@ -13,9 +13,10 @@ from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import text
 
 from outbox.db import libpq_dsn
+from outbox.kafka import make_reader
 from outbox.pg_names import slot_name
 from relays.admin import relay_status
-from relays.checkpointer import transactional_id
+from relays.checkpointer import read_position, transactional_id
 from relays.logical import LogicalRelay
 from relays.publisher import BatchPublisher, PublishError
 from relays.replication import ReplicationError, int_to_lsn
@@ -178,6 +179,10 @@ def test_a_zombie_relay_is_fenced(eo_settings, engine):
                  what="the leader's batch")
         zombie_txn = zombie_pub.txn_id
         assert zombie_txn is not None  # its batch is in an open transaction
+        if not _commit_visible(eo_settings, txn_id, timeout_s=30):
+            pytest.skip("broker defect (docs/operating/relays.md#broker-caveats): the "
+                        "leader's commit was acknowledged, yet its position and records "
+                        "stay hidden from read_committed readers")
         # Fenced: on Apache Kafka the commit fails as fatal; this broker answers a fenced
         # producer's commit with a timeout, and its abort too (then it is given up as fatal).
         with pytest.raises(PublishError):
@@ -200,6 +205,20 @@ def test_a_zombie_relay_is_fenced(eo_settings, engine):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots"
                          " where slot_name = %s", (slot_name(eo_settings.db_schema),))
+
+
+def _commit_visible(settings, txn_id: str, timeout_s: float) -> bool:
+    """Whether the position the relay `txn_id` committed shows to a reader in time."""
+    reader = make_reader(settings, txn_id)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while read_position(reader, settings.relay_positions_topic) is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1)
+        return True
+    finally:
+        reader.close()
 
 
 def _set_up(relay: LogicalRelay) -> bool:
