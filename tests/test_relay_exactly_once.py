@@ -13,10 +13,9 @@ from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import text
 
 from outbox.db import libpq_dsn
-from outbox.kafka import make_reader
 from outbox.pg_names import slot_name
 from relays.admin import relay_status
-from relays.checkpointer import read_position, transactional_id
+from relays.checkpointer import kafka_position, transactional_id
 from relays.logical import LogicalRelay
 from relays.publisher import BatchPublisher, PublishError
 from relays.replication import ReplicationError, int_to_lsn
@@ -209,16 +208,12 @@ def test_a_zombie_relay_is_fenced(eo_settings, engine):
 
 def _commit_visible(settings, txn_id: str, timeout_s: float) -> bool:
     """Whether the position the relay `txn_id` committed shows to a reader in time."""
-    reader = make_reader(settings, txn_id)
     deadline = time.monotonic() + timeout_s
-    try:
-        while read_position(reader, settings.relay_positions_topic) is None:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1)
-        return True
-    finally:
-        reader.close()
+    while kafka_position(settings, txn_id) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
 
 
 def _set_up(relay: LogicalRelay) -> bool:
